@@ -1,0 +1,270 @@
+"""Generate noise/image pairs from a teacher with EDM's Heun sampler, on one or many processes, resumably.
+
+Examples:
+    python data_gen/generate.py --teacher mixture-demo --seeds 0-9999 --nproc 2     # CPU, analytic teacher
+    python data_gen/generate.py --nproc 4                                            # the paper's 1M CIFAR-10 pairs
+    torchrun --nproc-per-node 4 data_gen/generate.py                                 # the same, started by torchrun
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT data_gen/generate.py \\
+        -- --nproc 4                                                                 # 2 nodes x 4 workers
+    python data_gen/generate.py --teacher mixture-demo --seeds 0-9999 --verify      # check the shards
+
+(torchrun's own parser takes ``--nproc`` for its ``--nproc-per-node``: after torchrun, put ``--`` before it.)
+
+Pair k of the data set is a function of seed k only (see get/edm/sampler.py), and shard j always holds the same
+seeds, so the folder is the same whatever the number of processes or the batch size. Rerunning the same command
+after a crash keeps every shard whose checksum matches the manifest and generates the rest. Output format: get/data.py.
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from get import data, dist
+from get.edm.sampler import StackedRandomGenerator, edm_sampler, parse_seeds, seed_inputs
+from get.teachers import load_teacher
+from get.training import save_image_grid
+
+# Rows are evaluated in groups of 8: a row then always takes the vectorised path of CPU kernels, never a scalar
+# remainder loop that rounds differently, so a pair does not depend on the batch it was computed in.
+ROW_GROUP = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local worker processes to start per node (None: 1, or what torchrun started)")
+    p.add_argument("--teacher", default="edm-cifar10-32x32-uncond-vp",
+                   help="official EDM name or .pkl path, a converted teacher folder, or mixture[-demo][-cond]")
+    p.add_argument("--seeds", default="0-999999", help="seed list in EDM syntax, e.g. 0-999,2000-2999")
+    p.add_argument("--batch", type=int, default=256, help="pairs per teacher call and process (rounded down to a "
+                   f"multiple of {ROW_GROUP})")
+    p.add_argument("--outdir", default=None, help="output folder (None: data/pairs/<teacher>)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="pairs per shard file, part of the data set's layout (None: a function of the number of seeds, "
+                        "see default_shard_size)")
+    p.add_argument("--steps", type=int, default=18, help="sampler steps N (2N - 1 teacher calls per pair)")
+    p.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (clipped to the teacher's)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (clipped to the teacher's)")
+    p.add_argument("--rho", type=float, default=7.0, help="time-step exponent of the Karras schedule")
+    p.add_argument("--S-churn", type=float, default=0.0, help="stochasticity (0: the deterministic ODE map)")
+    p.add_argument("--S-min", type=float, default=0.0, help="churn only for sigma >= S_min")
+    p.add_argument("--S-max", type=float, default=float("inf"), help="churn only for sigma <= S_max")
+    p.add_argument("--S-noise", type=float, default=1.0, help="scale of the churn noise")
+    p.add_argument("--labels", choices=["random", "balanced"], default="random",
+                   help="class labels of a conditional teacher: drawn from each seed's generator (EDM, the paper) "
+                        "or seed mod label_dim")
+    p.add_argument("--image-dtype", choices=["fp32", "fp16"], default="fp32", help="storage dtype of the images")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="teacher arithmetic on CUDA: fp32 (TF32 off), tf32, or bf16 autocast")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: CUDA (one GPU per local rank) when available")
+    p.add_argument("--grid", type=int, default=8, help="pairs shown in <outdir>/pairs.png (0: none)")
+    p.add_argument("--verify", action="store_true",
+                   help="only check every shard against the manifest and name the bad ones (exit status 1 if any)")
+    # torchrun's parser claims `--nproc` (an abbreviation of its --nproc-per-node), so after torchrun it follows `--`;
+    # this script has no positional arguments, so the separator carries no meaning here.
+    args = p.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
+    if args.batch < 1 or (args.shard_size is not None and args.shard_size < 1) or args.steps < 2 or args.grid < 0:
+        p.error("--batch and --shard-size must be >= 1, --steps >= 2, --grid >= 0")
+    return args
+
+
+def default_shard_size(num_seeds: int) -> int:
+    """About 64 shards (so that many processes share the work), of 64 to 10,000 pairs: 10,000 for 1M seeds."""
+    return min(10000, max(64, math.ceil(num_seeds / 64)))
+
+
+def default_outdir(teacher: str) -> Path:
+    """data/pairs/<teacher name>, the name without folders and .pkl."""
+    return Path("data/pairs") / Path(teacher.rstrip("/")).name.removesuffix(".pkl")
+
+
+def pair_settings(teacher, args) -> dict:
+    """Everything besides the seeds that decides the pairs (compared on resume)."""
+    conditional = teacher.label_dim > 0
+    return {
+        "teacher": teacher.identity(),
+        "sampler": {"name": "edm_heun", "num_steps": args.steps, "sigma_min": args.sigma_min,
+                    "sigma_max": args.sigma_max, "rho": args.rho, "S_churn": args.S_churn, "S_min": args.S_min,
+                    "S_max": args.S_max, "S_noise": args.S_noise},
+        "labels": args.labels if conditional else None,
+        "label_dim": teacher.label_dim,
+        "precision": args.precision,
+        "rng_device": torch.device(args.device_used).type,  # CPU and CUDA generators give different streams
+        "tensors": data.tensor_spec(teacher.channels, teacher.resolution, teacher.label_dim,
+                                    "float16" if args.image_dtype == "fp16" else "float32"),
+    }
+
+
+def set_precision(precision: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = False  # the fastest algorithm may change from run to run
+
+
+def sample_rows(teacher, seeds: list[int], args, device: torch.device):
+    """Latents (B, C, R, R) float32, images (B, C, R, R) float64 and labels (B,) int64 or None for a list of seeds."""
+    latents, labels = seed_inputs(seeds, teacher, device, args.labels)
+    randn_like = torch.zeros_like  # with S_churn = 0 the sampler multiplies its noise by zero
+    if args.S_churn > 0:
+        # Continue each seed's generator after its latent (and random label), as EDM's generate.py does.
+        rnd = StackedRandomGenerator(device, seeds)
+        if not torch.equal(rnd.randn(latents.shape), latents):
+            raise RuntimeError("seed_inputs no longer draws the latent first from each seed's generator")
+        if labels is not None and args.labels == "random":
+            rnd.randint(teacher.label_dim, size=[len(seeds)])
+        randn_like = rnd.randn_like
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        images = edm_sampler(teacher, latents, labels, randn_like=randn_like, num_steps=args.steps,
+                             sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
+                             S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    return latents, images, labels
+
+
+def generate_shard(teacher, seeds: list[int], args, device: torch.device, progress) -> dict[str, torch.Tensor]:
+    """The tensors of one shard, computed in batches of --batch rows (padded to a multiple of ROW_GROUP)."""
+    step = max(ROW_GROUP, args.batch // ROW_GROUP * ROW_GROUP)
+    image_dtype = torch.float16 if args.image_dtype == "fp16" else torch.float32  # rounded once, from float64
+    parts = []
+    for i in range(0, len(seeds), step):
+        chunk = seeds[i:i + step]
+        padded = chunk + [chunk[-1]] * (-len(chunk) % ROW_GROUP)  # the padding rows are dropped below
+        latents, images, labels = sample_rows(teacher, padded, args, device)
+        n = len(chunk)
+        labels = None if labels is None else labels[:n].cpu()
+        parts.append((latents[:n].cpu(), images[:n].to(image_dtype).cpu(), labels))
+        progress(n)
+    tensors = {"noise": torch.cat([p[0] for p in parts]), "image": torch.cat([p[1] for p in parts]),  # (n, C, R, R)
+               "seed": torch.tensor(seeds, dtype=torch.int64)}
+    if parts[0][2] is not None:
+        tensors["label"] = torch.cat([p[2] for p in parts])  # (n,)
+    return tensors
+
+
+def verify_main(outdir: Path) -> int:
+    """--verify: every rank checks its share of the shards; rank 0 names the bad ones. Returns their number."""
+    manifest = data.read_manifest(outdir)
+    indices = range(dist.get_rank(), len(manifest["shards"]), dist.get_world_size())
+    bad = {}
+    for part in dist.all_gather_object(data.verify(outdir, manifest, indices)):
+        bad.update(part)
+    for name in sorted(bad):
+        dist.print0(f"BAD {outdir / name}: {bad[name]}")
+    dist.print0(f"{len(manifest['shards']) - len(bad)} of {len(manifest['shards'])} shards good in {outdir}"
+                + ("; rerun the generating command to regenerate the bad ones" if bad else ""))
+    return len(bad)
+
+
+def open_folder(outdir: Path, manifest_new: dict) -> dict:
+    """Rank 0 opens or creates the folder's manifest; every rank gets it (or the same error)."""
+    manifest = error = None
+    if dist.is_main():
+        try:
+            manifest = data.open_manifest(outdir, manifest_new)
+            data.remove_stale_temps(outdir)
+        except (ValueError, OSError) as e:  # data.PairDataError is a ValueError
+            error = e
+    manifest, error = dist.broadcast_object((manifest, error))
+    if error is not None:
+        raise error
+    return manifest
+
+
+def check_existing(outdir: Path, manifest: dict) -> list[int]:
+    """Verifies the recorded shards (split over ranks); returns the shards left to generate, bad ones included."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    recorded = [k for k, s in enumerate(manifest["shards"]) if s["sha256"] is not None]
+    bad = {}
+    for part in dist.all_gather_object(data.verify(outdir, manifest, recorded[rank::world])):
+        bad.update(part)
+    for name in sorted(bad):
+        dist.print0(f"{outdir / name}: {bad[name]}; regenerating it")
+        manifest["shards"][[s["file"] for s in manifest["shards"]].index(name)]["sha256"] = None
+    if bad:
+        manifest["complete"] = False
+        if dist.is_main():
+            data.write_manifest(outdir, manifest)
+    return [k for k, s in enumerate(manifest["shards"]) if s["sha256"] is None]
+
+
+def main(args) -> int:
+    device = dist.init(None if args.device == "auto" else args.device)
+    args.device_used = str(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    outdir = Path(args.outdir) if args.outdir else default_outdir(args.teacher)
+    if args.verify:
+        bad = verify_main(outdir)
+        dist.cleanup()
+        return 1 if bad else 0
+
+    set_precision(args.precision)
+    seeds = parse_seeds(args.seeds)
+    if not dist.is_main():
+        dist.barrier()  # rank 0 loads (and maybe downloads) the teacher first
+    teacher = load_teacher(args.teacher, device)
+    if dist.is_main():
+        dist.barrier()
+    shard_size = args.shard_size or default_shard_size(len(seeds))
+    plan = data.shard_seeds(seeds, shard_size)
+    manifest = open_folder(outdir, data.new_manifest(pair_settings(teacher, args), seeds, shard_size))
+    pending = check_existing(outdir, manifest)
+    kept = len(plan) - len(pending)
+    dist.print0(f"{outdir}: {len(plan)} shards of up to {shard_size} pairs; {kept} done and verified, "
+                f"{len(pending)} to generate on {world} process(es)")
+
+    todo = sum(len(plan[k]) for k in pending)
+    bar = tqdm(total=todo, unit="pair", disable=not dist.is_main(), dynamic_ncols=True, smoothing=0.1)
+    done, start = 0, time.time()
+    for first in range(0, len(pending), world):
+        active = min(world, len(pending) - first)  # ranks with a shard this round
+        k = pending[first + rank] if rank < active else None
+        record = None
+        if k is not None:
+            # Rank 0 sees its own batches only: count them for every active rank (corrected after the round).
+            tensors = generate_shard(teacher, plan[k], args, device,
+                                     lambda n, w=active: bar.update(min(n * w, todo - bar.n)))
+            record = data.write_shard(outdir, manifest, k, tensors)
+        records = [r for r in dist.all_gather_object(record) if r is not None]
+        data.record_shards(manifest, records)
+        if dist.is_main():
+            data.write_manifest(outdir, manifest)
+        done += sum(r["count"] for r in records)
+        bar.n = done
+        bar.refresh()
+    bar.close()
+    elapsed = time.time() - start
+
+    if dist.is_main():
+        summary(outdir, manifest, teacher, args, done, elapsed, world, kept)
+    dist.barrier()
+    dist.cleanup()
+    return 0
+
+
+def summary(outdir: Path, manifest: dict, teacher, args, done: int, elapsed: float, world: int, kept: int) -> None:
+    settings = manifest["settings"]
+    rate = done / elapsed if elapsed > 0 else math.nan
+    print(f"{outdir}: {settings['num_pairs']} pairs in {len(manifest['shards'])} shards, "
+          f"{'complete' if manifest['complete'] else 'INCOMPLETE'}")
+    print(f"  this run: {done} pairs in {elapsed:.1f} s = {rate:.1f} pairs/s on {world} process(es) "
+          f"({rate / world:.1f} per process, batch {args.batch}, {args.device_used}); {kept} shards kept")
+    print(f"  teacher {settings['teacher']['name']} (sha256 {settings['teacher']['sha256'][:16]}...), "
+          f"{args.steps} steps ({2 * args.steps - 1} teacher calls per pair), precision {args.precision}, "
+          f"images {settings['tensors']['image']['dtype']}")
+    if args.grid > 0 and manifest["complete"] and teacher.channels in (1, 3):
+        n = min(args.grid, settings["num_pairs"])
+        pairs = data.PairDataset(outdir).get_batch(range(n))
+        path = save_image_grid(data.pair_grid(pairs["noise"], pairs["image"]), outdir / "pairs.png",
+                               nrow=2 * min(4, n))
+        print(f"  {n} pairs (noise | image) in {path}")
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    raise SystemExit(dist.launch(main, cli.nproc, cli))

@@ -1,0 +1,472 @@
+"""Official EDM checkpoints: names -> URLs and cache, a safe reader for their pickles, safetensors conversion.
+
+Cache. Official names (``OFFICIAL_CHECKPOINTS``) are downloaded once into ``<cache>/edm/<name>.pkl``, where
+``<cache>`` is ``$GET_CACHE`` if set, else ``$XDG_CACHE_HOME/get``, else ``~/.cache/get``. To run offline, put the
+file there yourself.
+
+Safety. The official ``.pkl`` files are snapshots of ``torch_utils.persistence``: every network object carries the
+full Python source of its defining module, which EDM's own loader ``exec``s. :func:`read_edm_pickle` never does: it
+unpickles with an exact allowlist of globals (spec/EDM.md §8), turns every persistent object into an inert
+:class:`EDMRecord` (the embedded source is only hashed), reads the nested storage blobs with
+``torch.load(weights_only=True)``, and refuses anything else with :class:`UnsafePickleError` naming the global,
+before importing or calling it. :func:`load_edm` then builds *our* class from the recorded class name and
+constructor keywords (validated) and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import io
+import json
+import os
+import pickle
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from get.edm.networks import NETWORKS
+from get.edm.precond import PRECONDITIONERS
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS", "cache_dir", "resolve_checkpoint", "download", "UnsafePickleError", "EDMRecord",
+    "read_edm_pickle", "state_dict_from_record", "load_edm", "save_teacher", "load_converted",
+]
+
+_CDN = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
+_CONFIG_F = ["edm-cifar10-32x32-cond-vp", "edm-cifar10-32x32-cond-ve", "edm-cifar10-32x32-uncond-vp",
+             "edm-cifar10-32x32-uncond-ve", "edm-ffhq-64x64-uncond-vp", "edm-ffhq-64x64-uncond-ve",
+             "edm-afhqv2-64x64-uncond-vp", "edm-afhqv2-64x64-uncond-ve", "edm-imagenet-64x64-cond-adm"]
+# Config-A baselines: the first three are named in EDM's README, the others only by third parties (unverified).
+_CONFIG_A = ["baseline-cifar10-32x32-uncond-vp", "baseline-cifar10-32x32-uncond-ve", "baseline-imagenet-64x64-cond-adm",
+             "baseline-cifar10-32x32-cond-vp", "baseline-cifar10-32x32-cond-ve", "baseline-ffhq-64x64-uncond-vp",
+             "baseline-ffhq-64x64-uncond-ve", "baseline-afhqv2-64x64-uncond-vp", "baseline-afhqv2-64x64-uncond-ve"]
+OFFICIAL_CHECKPOINTS: dict[str, str] = {
+    **{name: f"{_CDN}/{name}.pkl" for name in _CONFIG_F},
+    **{name: f"{_CDN}/baseline/{name}.pkl" for name in _CONFIG_A},
+}
+
+CACHE_ENV = "GET_CACHE"
+
+
+def cache_dir() -> Path:
+    """``$GET_CACHE``, else ``$XDG_CACHE_HOME/get``, else ``~/.cache/get``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "get"
+
+
+def download(url: str, dest: str | Path, progress: bool = True) -> Path:
+    """Downloads ``url`` to ``dest`` atomically (temporary file in the same folder, fsync, rename) with a progress bar.
+
+    Raises:
+        FileNotFoundError: when the download fails (e.g. offline); the message says where to put the file instead.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}",
+                      disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        if total is not None and tmp.stat().st_size != total:
+            raise OSError(f"truncated download: got {tmp.stat().st_size} of {total} bytes")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"could not download {url} ({e}). If this machine is offline, download the file elsewhere and put it at "
+            f"{dest} (the cache folder is {dest.parent}; set ${CACHE_ENV} to use another folder).") from e
+    return dest
+
+
+def resolve_checkpoint(path_or_name: str | Path, base_url: str | None = None, progress: bool = True) -> Path:
+    """A local path as is; an official name -> its cached file, downloaded on first use.
+
+    Args:
+        path_or_name: a file path or a key of ``OFFICIAL_CHECKPOINTS`` (a trailing '.pkl' is accepted).
+        base_url: replaces the official URL's folder (a mirror, e.g. 'file:///data/edm' or 'https://host/edm').
+        progress: show a download progress bar.
+    """
+    name = str(path_or_name)
+    key = name[:-4] if name.endswith(".pkl") else name
+    if key in OFFICIAL_CHECKPOINTS and not Path(name).is_file():
+        dest = cache_dir() / "edm" / f"{key}.pkl"
+        if not dest.is_file():
+            url = OFFICIAL_CHECKPOINTS[key] if base_url is None else f"{base_url.rstrip('/')}/{key}.pkl"
+            download(url, dest, progress=progress)
+        return dest
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name!r} is neither an existing file nor an official EDM checkpoint name "
+                                f"({', '.join(OFFICIAL_CHECKPOINTS)})")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The restricted unpickler.
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for something outside the allowlist, or its content is not a well-formed EDM snapshot."""
+
+
+KNOWN_CLASSES = frozenset({
+    "EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "SongUNet", "DhariwalUNet", "UNetBlock", "Conv2d",
+    "GroupNorm", "Linear", "PositionalEmbedding", "FourierEmbedding", "EDMLoss", "VPLoss", "VELoss", "AugmentPipe",
+})
+_META_FIELDS = frozenset({"type", "version", "module_src", "class_name", "state"})
+
+
+class EDMRecord:
+    """Inert stand-in for a persistent EDM object: its class name, its ``__dict__`` and the hash of its source."""
+
+    __slots__ = ("class_name", "state", "module_src_sha256")
+
+    def __init__(self, class_name: str, state: dict, module_src_sha256: str):
+        object.__setattr__(self, "class_name", class_name)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "module_src_sha256", module_src_sha256)
+
+    def __setattr__(self, key, value):
+        raise UnsafePickleError(f"pickle tries to set attribute {key!r} on a {self.class_name} record")
+
+    def __setstate__(self, state):
+        raise UnsafePickleError(f"pickle tries to modify a {self.class_name} record")
+
+    def __repr__(self):
+        return f"EDMRecord({self.class_name}, src sha256 {self.module_src_sha256[:12]})"
+
+
+class _ModuleDictStub:
+    """Inert stand-in for ``torch.nn.ModuleDict`` (rebuilt by NEWOBJ + BUILD): keeps the BUILD state."""
+
+    def __setstate__(self, state):
+        if "state" in self.__dict__ or not isinstance(state, dict):
+            raise UnsafePickleError("malformed torch.nn.ModuleDict in pickle")
+        self.__dict__["state"] = state
+
+
+class _Frozen:
+    """Wraps an allowed function so a pickle cannot modify it (BUILD/setattr) or reach its attributes."""
+
+    __slots__ = ("_fn", "_qualname")
+
+    def __init__(self, fn, qualname: str):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_qualname", qualname)
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def __setattr__(self, key, value):
+        raise UnsafePickleError(f"pickle tries to set attribute {key!r} of {self._qualname}")
+
+    def __setstate__(self, state):
+        raise UnsafePickleError(f"pickle tries to modify {self._qualname}")
+
+
+def _reconstruct_persistent_obj(meta):
+    """Replacement for ``torch_utils.persistence._reconstruct_persistent_obj``: validates and records, never executes
+    ``module_src``."""
+    if not isinstance(meta, dict) or set(meta) != _META_FIELDS:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise UnsafePickleError(f"persistent object meta must have exactly the fields {sorted(_META_FIELDS)}, "
+                                f"got {keys}")
+    if meta["type"] != "class" or meta["version"] != 6:
+        raise UnsafePickleError(f"persistent object has type={meta['type']!r} version={meta['version']!r}; "
+                                f"expected 'class' and 6")
+    if meta["class_name"] not in KNOWN_CLASSES:
+        raise UnsafePickleError(f"persistent object of unknown class {meta['class_name']!r}; "
+                                f"known: {sorted(KNOWN_CLASSES)}")
+    if not isinstance(meta["module_src"], str) or not isinstance(meta["state"], dict):
+        raise UnsafePickleError(f"persistent {meta['class_name']}: module_src must be a string and state a dict")
+    src_hash = hashlib.sha256(meta["module_src"].encode("utf-8", "surrogatepass")).hexdigest()
+    return EDMRecord(meta["class_name"], meta["state"], src_hash)
+
+
+def _load_storage_from_bytes(data):
+    """Replacement for ``torch.storage._load_from_bytes``: the nested legacy blob is read with weights_only=True."""
+    if not isinstance(data, bytes):
+        raise UnsafePickleError(f"storage blob must be bytes, got {type(data).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+            storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UnsafePickleError(f"refused nested storage blob: {e}") from e
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError(f"storage blob holds a {type(storage).__name__}, not a storage")
+    return storage
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """``torch._utils._rebuild_tensor_v2`` with checked arguments; gradient flags, hooks and metadata are dropped."""
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    ints = (storage_offset, *size, *stride)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+        raise UnsafePickleError("tensor offset, size and stride must be non-negative integers")
+    if metadata:
+        raise UnsafePickleError("tensor metadata is not supported")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+        return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False,
+                                               collections.OrderedDict())
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    """``torch._utils._rebuild_parameter`` returning the plain tensor."""
+    if type(data) is not torch.Tensor:
+        raise UnsafePickleError(f"parameter rebuilt from a {type(data).__name__}, not a tensor")
+    return data
+
+
+def _numpy_scalar(dtype, data):
+    """``numpy.core.multiarray.scalar`` restricted to numeric dtypes and raw bytes."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.fields is not None:
+        raise UnsafePickleError(f"numpy scalar of dtype {dtype} refused (only numeric dtypes)")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise UnsafePickleError(f"numpy scalar of dtype {dtype} needs {dtype.itemsize} raw bytes")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+        _Frozen(_reconstruct_persistent_obj, "torch_utils.persistence._reconstruct_persistent_obj"),
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _Frozen(_rebuild_tensor, "torch._utils._rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"): _Frozen(_rebuild_parameter, "torch._utils._rebuild_parameter"),
+    ("torch.storage", "_load_from_bytes"): _Frozen(_load_storage_from_bytes, "torch.storage._load_from_bytes"),
+    ("torch.nn.modules.container", "ModuleDict"): _ModuleDictStub,
+    ("numpy.core.multiarray", "scalar"): _Frozen(_numpy_scalar, "numpy.core.multiarray.scalar"),
+    ("numpy._core.multiarray", "scalar"): _Frozen(_numpy_scalar, "numpy._core.multiarray.scalar"),
+    ("numpy", "dtype"): np.dtype,
+    # Protocol-2/3 writers (Python <= 3.7) encode sets (_non_persistent_buffers_set) as REDUCE of builtins.set.
+    ("builtins", "set"): _Frozen(set, "builtins.set"),
+}
+
+
+class _SafeEDMUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose globals come only from ``_ALLOWED_GLOBALS`` (nothing is ever imported)."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise UnsafePickleError(f"refused global '{module}.{name}': not in the EDM checkpoint allowlist "
+                                    f"(the file is not an EDM snapshot or was tampered with)") from None
+
+
+def read_edm_pickle(file: str | Path | BinaryIO) -> Any:
+    """Unpickles an EDM snapshot safely; persistent objects come back as :class:`EDMRecord`.
+
+    Raises:
+        UnsafePickleError: on any global outside the allowlist or malformed persistent objects.
+    """
+    if isinstance(file, (str, Path)):
+        with open(file, "rb") as f:
+            return _SafeEDMUnpickler(f).load()
+    return _SafeEDMUnpickler(file).load()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Records -> our networks.
+
+
+def _children(state: dict, where: str) -> dict:
+    modules = state.get("_modules", {})
+    if not isinstance(modules, dict):
+        raise UnsafePickleError(f"{where}: _modules is a {type(modules).__name__}, not a dict")
+    return modules
+
+
+def state_dict_from_record(record: EDMRecord | _ModuleDictStub, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Flattens a record tree into a state dict: parameters, then persistent buffers, then children (torch's order)."""
+    where = prefix.rstrip(".") or "<root>"
+    if isinstance(record, _ModuleDictStub):
+        state = record.__dict__.get("state", {})
+    elif isinstance(record, EDMRecord):
+        state = record.state
+    else:
+        raise UnsafePickleError(f"{where}: expected a module, got {type(record).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    non_persistent = state.get("_non_persistent_buffers_set", set())
+    for group in ("_parameters", "_buffers"):
+        tensors = state.get(group, {})
+        if not isinstance(tensors, dict):
+            raise UnsafePickleError(f"{where}: {group} is a {type(tensors).__name__}, not a dict")
+        for name, tensor in tensors.items():
+            if tensor is None or (group == "_buffers" and name in non_persistent):
+                continue
+            if type(tensor) is not torch.Tensor:
+                raise UnsafePickleError(f"{where}.{name}: expected a tensor, got {type(tensor).__name__}")
+            out[prefix + name] = tensor
+    for name, child in _children(state, where).items():
+        if child is not None:
+            out.update(state_dict_from_record(child, f"{prefix}{name}."))
+    return out
+
+
+def _allowed_kwargs(class_name: str, model_type: str) -> set[str]:
+    skip = {"self", "name", "model_kwargs", "img_resolution", "in_channels", "out_channels"}
+    precond = set(inspect.signature(PRECONDITIONERS[class_name].__init__).parameters)
+    network = set(inspect.signature(NETWORKS[model_type].__init__).parameters)
+    return (precond | network) - skip | {"img_resolution"}
+
+
+def _plain(value: Any, key: str) -> Any:
+    """numpy scalars -> Python numbers; lists of numbers kept; anything else refused."""
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, key) for v in value]
+    raise UnsafePickleError(f"constructor argument {key!r} has unsupported type {type(value).__name__}")
+
+
+def build_from_record(record: EDMRecord):
+    """Our preconditioner from a top-level record's class name and validated ``_init_kwargs`` (weights not loaded)."""
+    if not isinstance(record, EDMRecord) or record.class_name not in PRECONDITIONERS:
+        got = record.class_name if isinstance(record, EDMRecord) else type(record).__name__
+        raise UnsafePickleError(f"top-level network is {got!r}; expected one of {sorted(PRECONDITIONERS)}")
+    state = record.state
+    if tuple(state.get("_init_args", ())) != ():
+        raise UnsafePickleError(f"{record.class_name}: positional _init_args are not supported")
+    init_kwargs = state.get("_init_kwargs")
+    if not isinstance(init_kwargs, dict):
+        raise UnsafePickleError(f"{record.class_name}: _init_kwargs missing or not a dict")
+    kwargs = {str(k): _plain(v, k) for k, v in init_kwargs.items()}
+    default_type = inspect.signature(PRECONDITIONERS[record.class_name].__init__).parameters["model_type"].default
+    model_type = kwargs.get("model_type", default_type)
+    if model_type not in NETWORKS:
+        raise ValueError(f"{record.class_name}: unsupported architecture model_type={model_type!r}; "
+                         f"supported: {sorted(NETWORKS)}")
+    unknown = sorted(set(kwargs) - _allowed_kwargs(record.class_name, model_type))
+    if unknown:
+        raise ValueError(f"{record.class_name}({model_type}): unsupported constructor argument(s) {unknown}")
+    with torch.device("meta"):  # no memory, no random init: the weights are assigned by _load_strict
+        return PRECONDITIONERS[record.class_name](**kwargs)
+
+
+def _load_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Strict load with a readable error; returns the keys that were converted to the expected dtype. Tensors are
+    assigned (not copied), so ``net`` may have been built on the 'meta' device."""
+    expected = net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+             if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source}: weights do not match {type(net).__name__}: missing {missing[:5]} "
+                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), "
+                         f"shape mismatches {wrong[:5]} ({len(wrong)})")
+    converted = [k for k in expected if tensors[k].dtype != expected[k].dtype]
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True, assign=True)
+    return converted
+
+
+def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None, base_url: str | None = None):
+    """Loads an official EDM snapshot (or any file in its format) safely into our network.
+
+    Args:
+        path_or_name: a ``.pkl`` path or an official name such as 'edm-cifar10-32x32-cond-vp' (downloaded and cached,
+            see :func:`cache_dir`).
+        key: entry of the snapshot dict holding the network ('ema' in EDM's snapshots).
+        name: teacher name (default: the file name without '.pkl').
+        base_url: mirror folder for official names (see :func:`resolve_checkpoint`).
+
+    Returns:
+        The preconditioner (EDMPrecond, ...) in eval mode with gradients off; ``teacher.source`` records the file,
+        its sha256 and the sha256 of the embedded (never executed) source.
+
+    Raises:
+        UnsafePickleError: the pickle references anything outside the allowlist or is malformed.
+        ValueError: unsupported architecture / constructor arguments, or weights that do not match strictly.
+    """
+    path = resolve_checkpoint(path_or_name, base_url=base_url)
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    data = read_edm_pickle(path)
+    if not isinstance(data, dict) or key not in data:
+        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise UnsafePickleError(f"{path}: expected a snapshot dict with key {key!r}, got {got}")
+    record = data[key]
+    net = build_from_record(record)
+    converted = _load_strict(net, state_dict_from_record(record), str(path))
+    net.name = name or path.name.removesuffix(".pkl")
+    net.source = {"file": path.name, "sha256": sha.hexdigest(), "module_src_sha256": record.module_src_sha256,
+                  "converted_dtypes": converted}
+    return net.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Our own format: safetensors + JSON.
+
+_FORMAT = "get-teacher"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_teacher(teacher, directory: str | Path) -> Path:
+    """Writes ``model.safetensors`` (the state dict) and ``config.json`` (class, constructor keywords, name, hashes)
+    into ``directory`` atomically; ``load_teacher(directory)`` rebuilds the teacher without any pickle."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    identity = teacher.identity()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in teacher.state_dict().items()}
+    config = {"format": _FORMAT, "version": 1, "name": identity["name"], **identity["config"],
+              "sha256": identity["sha256"], "source": getattr(teacher, "source", None)}
+    _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p)))
+    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def load_converted(directory: str | Path):
+    """Reads a folder written by :func:`save_teacher`, verifying the weights' sha256."""
+    from get.teachers import MixtureTeacher, tensors_sha256  # noqa: PLC0415  (get.teachers imports this module)
+
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory}: a converted teacher needs config.json and model.safetensors")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != _FORMAT:
+        raise ValueError(f"{config_path}: format is {config.get('format')!r}, expected {_FORMAT!r}")
+    classes = {**PRECONDITIONERS, "MixtureTeacher": MixtureTeacher}
+    if config.get("class_name") not in classes:
+        raise ValueError(f"{config_path}: unknown class_name {config.get('class_name')!r}; known: {sorted(classes)}")
+    with torch.device("meta" if config["class_name"] in PRECONDITIONERS else "cpu"):
+        teacher = classes[config["class_name"]](**{**config["kwargs"], "name": config["name"]})
+    tensors = load_file(str(weights_path))
+    if tensors_sha256(tensors) != config["sha256"]:
+        raise ValueError(f"{weights_path}: sha256 of the weights does not match config.json (corrupted file?)")
+    _load_strict(teacher, tensors, str(weights_path))
+    teacher.source = config.get("source")
+    return teacher.eval().requires_grad_(False)

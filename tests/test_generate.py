@@ -1,0 +1,201 @@
+"""data_gen/generate.py: pairs equal EDM's sampler per seed, the same data set for any --nproc/--batch and for two
+torchrun nodes, resume after a killed rank, refusal of other settings, and --verify naming bad shards.
+
+Process launches are the cost here (a few seconds each on 2 cores): one in-process reference data set is shared, and
+each multi-process check is one launch.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from get import data
+from get.edm.sampler import StackedRandomGenerator, edm_sampler, parse_seeds, seed_inputs
+from get.teachers import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = ROOT / "data_gen" / "generate.py"
+SEEDS = "0-199,1000-1039"
+COMMON = ["--teacher", "mixture-demo", "--seeds", SEEDS, "--shard-size", "8", "--steps", "3"]
+
+_spec = importlib.util.spec_from_file_location("generate", GEN)
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
+
+
+def run_here(outdir, *extra) -> int:
+    """generate.py's main in this process (a single process: no process group)."""
+    return generate.main(generate.parse_args(["--outdir", str(outdir), *extra]))
+
+
+def assert_same_dataset(a: Path, b: Path) -> None:
+    ma, mb = json.loads((a / "manifest.json").read_text()), json.loads((b / "manifest.json").read_text())
+    assert ma == mb and ma["complete"]
+    for shard in ma["shards"]:
+        assert (a / shard["file"]).read_bytes() == (b / shard["file"]).read_bytes(), shard["file"]
+    assert (a / "pairs.png").read_bytes() == (b / "pairs.png").read_bytes()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Path:
+    outdir = tmp_path_factory.mktemp("ref")
+    assert run_here(outdir, *COMMON, "--batch", "16") == 0
+    return outdir
+
+
+def test_pairs_are_the_sampler_output_of_their_seed(ref, tmp_path):
+    seeds = parse_seeds(SEEDS)
+    ds = data.PairDataset(ref, verify=True)
+    assert len(ds) == len(seeds) == 240 and len(ds.manifest["shards"]) == 30 and not ds.conditional
+    assert ds.manifest["settings"]["teacher"]["name"] == "mixture-demo"
+    teacher = load_teacher("mixture-demo")
+    pick = list(range(196, 212))  # crosses the jump 199 -> 1000 and shard boundaries
+    latents, _ = seed_inputs([seeds[i] for i in pick], teacher)
+    images = edm_sampler(teacher, latents, num_steps=3)  # (16, C, R, R) float64
+    got = ds.get_batch(pick)
+    assert got["seed"].tolist() == [seeds[i] for i in pick]
+    assert torch.equal(got["noise"], latents) and torch.equal(got["image"], images.float())
+
+    # Stochastic sampling continues each seed's generator after its latent, as EDM's generate.py does.
+    assert run_here(tmp_path / "churn", "--teacher", "mixture-demo", "--seeds", "5-12", "--steps", "3",
+                    "--S-churn", "2", "--S-max", "50") == 0
+    rnd = StackedRandomGenerator("cpu", range(5, 13))
+    latents = rnd.randn([8, 3, 16, 16])
+    images = edm_sampler(teacher, latents, randn_like=rnd.randn_like, num_steps=3, S_churn=2, S_max=50)
+    churn = data.PairDataset(tmp_path / "churn").get_batch(range(8))
+    assert torch.equal(churn["image"], images.float()) and not torch.equal(churn["image"], got["image"][:8])
+
+    # Conditional teachers: integer labels per seed (random as EDM, or balanced), fp16 image storage.
+    cond = load_teacher("mixture-demo-cond")
+    for policy in ("random", "balanced"):
+        out = tmp_path / policy
+        assert run_here(out, "--teacher", "mixture-demo-cond", "--seeds", "0-15", "--steps", "3", "--labels", policy,
+                        "--image-dtype", "fp16", "--grid", "0") == 0
+        pairs = data.PairDataset(out).get_batch(range(16))
+        latents, labels = seed_inputs(range(16), cond, label_policy=policy)
+        assert torch.equal(pairs["label"], labels) and torch.equal(pairs["noise"], latents)
+        assert torch.equal(pairs["image"], edm_sampler(cond, latents, labels, num_steps=3).half().float())
+    assert pairs["label"].tolist() == [s % 4 for s in range(16)]
+
+
+def test_same_data_set_for_any_nproc_and_batch(ref, tmp_path):
+    out = tmp_path / "two"
+    proc = subprocess.run([sys.executable, str(GEN), *COMMON, "--outdir", str(out), "--nproc", "2", "--batch", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stdout
+    assert_same_dataset(ref, out)
+
+
+def test_two_torchrun_nodes_equal_one_process(ref, tmp_path):
+    """Two torchrun "nodes" on this machine (c10d rendezvous on loopback), each starting 2 workers with --nproc 2."""
+    out, port = tmp_path / "nodes", free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"get-test-{port}",
+           str(GEN), *COMMON, "--outdir", str(out), "--batch", "24", "--", "--nproc", "2"]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-3000:] for _, err in logs)
+    assert sum("on 4 process(es)" in o for o, _ in logs) == 1  # one rank 0 in a world of 2 nodes x 2 workers
+    assert_same_dataset(ref, out)
+
+
+def _workers(pid: int) -> list[int]:
+    """Pids of the worker processes the launcher `pid` spawned."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def test_resume_after_a_killed_rank(ref, tmp_path, capsys):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(GEN), *COMMON, "--outdir", str(out), "--nproc", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest_path, deadline, killed = out / "manifest.json", time.time() + 240, None
+    try:
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            try:
+                recorded = sum(s["sha256"] is not None for s in json.loads(manifest_path.read_text())["shards"])
+            except (OSError, ValueError):
+                recorded = 0
+            workers = _workers(proc.pid)
+            if recorded >= 1 and len(workers) == 2:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.01)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "the run ended before a rank could be killed"
+    partial = data.read_manifest(out)
+    kept = sum(s["sha256"] is not None for s in partial["shards"])
+    assert not partial["complete"] and 1 <= kept < 30
+
+    capsys.readouterr()
+    assert run_here(out, *COMMON, "--batch", "16") == 0
+    assert f"{kept} done and verified" in capsys.readouterr().out
+    assert_same_dataset(ref, out)
+    assert not list(out.glob(".*.tmp"))  # the killed rank's unfinished shard file was cleaned up
+
+
+def test_verify_names_bad_shards_and_the_next_run_regenerates_them(ref, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    corrupt, missing = out / "shard-00004.safetensors", out / "shard-00017.safetensors"
+    raw = bytearray(corrupt.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    corrupt.write_bytes(bytes(raw))
+    missing.unlink()
+
+    capsys.readouterr()
+    assert run_here(out, "--teacher", "mixture-demo", "--verify") == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
+    assert len(lines) == 2 and str(corrupt) in lines[0] and "sha256" in lines[0]
+    assert str(missing) in lines[1] and "missing" in lines[1]
+    with pytest.raises(data.PairDataError, match="shard-00017.safetensors: missing"):
+        data.PairDataset(out)
+    with pytest.raises(data.PairDataError, match="shard-00004.safetensors: sha256"):
+        data.PairDataset(out, verify=True)
+
+    assert run_here(out, *COMMON) == 0
+    assert "28 done and verified, 2 to generate" in capsys.readouterr().out
+    assert_same_dataset(ref, out)
+    assert run_here(out, "--teacher", "mixture-demo", "--verify") == 0
+
+
+def test_other_settings_are_refused(ref, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(data.SettingsMismatchError, match=r"sampler.num_steps: 3 -> 4"):
+        run_here(out, *COMMON[:-1], "4")
+    with pytest.raises(data.SettingsMismatchError, match=r"image.dtype: 'float32' -> 'float16'"):
+        run_here(out, *COMMON, "--image-dtype", "fp16")
+    with pytest.raises(data.SettingsMismatchError, match=r"teacher\.config"):
+        run_here(out, *COMMON[2:], "--teacher", "mixture")
+    assert (out / "manifest.json").read_bytes() == before

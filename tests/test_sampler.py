@@ -1,0 +1,161 @@
+"""EDM sampler and per-seed inputs: Karras steps, Heun accuracy against exact and fine-step solutions, seeding."""
+
+import pytest
+import torch
+
+from get.edm.sampler import StackedRandomGenerator, edm_sampler, edm_time_steps, parse_seeds, seed_inputs
+from get.teachers import MixtureTeacher
+
+# spec/EDM.md §9 and §12, rounded to 6 decimals.
+KARRAS_18 = [80.0, 57.585985, 40.785574, 28.374585, 19.352453, 12.910082, 8.400935, 5.315195, 3.256822, 1.92334,
+             1.088171, 0.585348, 0.296442, 0.139516, 0.059947, 0.022935, 0.007528, 0.002, 0.0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP sync stalls on a shared 2-core machine (up to 40x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_time_steps_match_edm():
+    t = edm_time_steps(18)
+    assert t.dtype == torch.float64 and t.shape == (19,)
+    torch.testing.assert_close(t, torch.tensor(KARRAS_18, dtype=torch.float64), atol=6e-7, rtol=0)
+    torch.testing.assert_close(edm_time_steps(40)[:5], torch.tensor([80.0, 69.4509, 60.1174, 51.8803, 44.6302],
+                                                                    dtype=torch.float64), atol=6e-5, rtol=0)
+    grid = edm_time_steps(1000).flip(0)[1:]  # ascending 1000-point grid
+    torch.testing.assert_close(grid[[0, 20, 980, 999]], torch.tensor([0.002, 0.0032316, 72.0539, 80.0],
+                                                                     dtype=torch.float64), atol=6e-5, rtol=0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        edm_time_steps(18, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3,10,20-21") == [0, 1, 2, 3, 10, 20, 21]
+    assert parse_seeds(" 7 ") == [7]
+    assert len(parse_seeds("0-49999")) == 50000
+    for bad in ["", "a", "3-1", "1,,2", "-1", "1-2-3"]:
+        with pytest.raises(ValueError, match="seeds"):
+            parse_seeds(bad)
+
+
+def test_seed_inputs_follow_edm_draw_order_and_ignore_the_batch():
+    teacher = MixtureTeacher(resolution=4, channels=2, num_components=3, rank=1, conditional=True)
+    latents, labels = seed_inputs([5, 2**32 + 7, 11], teacher)
+    assert latents.dtype == torch.float32 and latents.shape == (3, 2, 4, 4) and labels.dtype == torch.int64
+    # EDM's order per seed: generator seeded with seed mod 2^32, latent randn([C, H, W]) then randint(label_dim).
+    g = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(latents[1], torch.randn(2, 4, 4, generator=g), rtol=0, atol=0)
+    assert int(labels[1]) == int(torch.randint(3, size=[], generator=g))
+    # A seed's latent and label do not depend on its batch.
+    alone, alone_labels = seed_inputs([11], teacher)
+    torch.testing.assert_close(alone[0], latents[2], rtol=0, atol=0)
+    assert int(alone_labels[0]) == int(labels[2])
+    # Balanced labels cycle through the classes.
+    _, balanced = seed_inputs(range(6), teacher, label_policy="balanced")
+    assert balanced.tolist() == [0, 1, 2, 0, 1, 2]
+    assert seed_inputs([1], MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1))[1] is None
+    with pytest.raises(ValueError, match="label_policy"):
+        seed_inputs([1], teacher, label_policy="uniform")
+    with pytest.raises(ValueError, match="number of seeds"):
+        StackedRandomGenerator("cpu", [1, 2]).randn([3, 4])
+
+
+def _exact_gaussian_teacher_map(teacher, latents, sigma_max=80.0, sigma_min=0.002):
+    """The exact probability-flow map of a single Gaussian from sigma_max to sigma_min, then D(.; sigma_min) (what
+    EDM's final Euler step to sigma = 0 computes): along each eigenvector of Sigma the ODE dx/dsigma = (x - D)/sigma
+    scales the deviation from mu by sqrt((lambda + sigma^2) / (lambda + sigma_max^2))."""
+    lam, Q = torch.linalg.eigh(teacher.component_covariance(0))
+    mu = teacher.means[0]
+    y = (latents.double().reshape(len(latents), -1) * sigma_max - mu) @ Q
+    x = mu + (y * ((lam + sigma_min ** 2) / (lam + sigma_max ** 2)).sqrt()) @ Q.T
+    return teacher(x.reshape(latents.shape), torch.tensor(sigma_min, dtype=torch.float64))
+
+
+def _rel_err(a, b):
+    return float((a - b).square().mean().sqrt() / b.square().mean().sqrt())
+
+
+def test_heun_matches_exact_gaussian_flow_with_second_order_convergence():
+    teacher = MixtureTeacher(resolution=4, channels=1, num_components=1, rank=3, seed=3)
+    latents = torch.randn(32, 1, 4, 4, dtype=torch.float64)
+    exact = _exact_gaussian_teacher_map(teacher, latents)
+    errors = [_rel_err(edm_sampler(teacher, latents, num_steps=n), exact) for n in (18, 36, 72)]
+    assert errors[0] < 0.05
+    for coarse, fine in zip(errors, errors[1:]):
+        assert 3.0 < coarse / fine < 6.0  # Heun is second order: halving the step divides the error by ~4
+
+
+def test_18_steps_close_to_fine_step_reference_on_the_mixture():
+    teacher = MixtureTeacher.preset("demo")
+    latents, _ = seed_inputs(range(4), teacher)
+    reference = edm_sampler(teacher, latents, num_steps=128)
+    out = edm_sampler(teacher, latents)
+    assert out.dtype == torch.float64 and out.shape == latents.shape
+    assert _rel_err(out, reference) < 0.05
+    assert _rel_err(edm_sampler(teacher, latents, num_steps=36), reference) < _rel_err(out, reference) / 3
+    # The teacher map lands on the data: final images are likely under the mixture.
+    assert teacher.responsibilities(out.float(), sigma=0.0).max(1).values.min() > 0.5
+
+
+class _CountingTeacher:
+    """Wraps a teacher to count evaluations and record the noise levels it is called with."""
+
+    def __init__(self, teacher):
+        self.teacher, self.sigmas = teacher, []
+        self.sigma_min, self.sigma_max, self.label_dim = teacher.sigma_min, teacher.sigma_max, teacher.label_dim
+        self.round_sigma = teacher.round_sigma
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sigmas.append(float(sigma))
+        return self.teacher(x, sigma, class_labels)
+
+
+def test_nfe_and_schedule():
+    counting = _CountingTeacher(MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1))
+    edm_sampler(counting, torch.randn(2, 1, 4, 4))
+    assert len(counting.sigmas) == 35  # 2N - 1
+    assert counting.sigmas[0] == 80.0 and counting.sigmas[-1] == pytest.approx(0.002)
+
+
+def test_stochastic_sampler_per_seed_and_moments():
+    teacher = MixtureTeacher(resolution=4, channels=1, num_components=1, rank=2, seed=1)
+    seeds = list(range(2000))
+    kwargs = dict(num_steps=32, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+    rnd = StackedRandomGenerator("cpu", seeds)
+    latents = rnd.randn([len(seeds), 1, 4, 4])
+    out = edm_sampler(teacher, latents, randn_like=rnd.randn_like, **kwargs)
+    # Same seeds in another batch composition give the same samples (per-seed noise streams).
+    sub = [1999, 3, 17]
+    rnd_sub = StackedRandomGenerator("cpu", sub)
+    out_sub = edm_sampler(teacher, rnd_sub.randn([3, 1, 4, 4]), randn_like=rnd_sub.randn_like, **kwargs)
+    torch.testing.assert_close(out_sub, out[sub], rtol=0, atol=1e-10)
+    # The churn really is random: a different stream changes the samples.
+    other = edm_sampler(teacher, latents, randn_like=torch.randn_like, **kwargs)
+    assert (other - out).abs().max() > 1e-3
+    # Samples have the data's moments (exact mean and covariance of the Gaussian teacher).
+    x = out.reshape(len(seeds), -1)
+    std = teacher.covariance().diagonal().sqrt()
+    assert ((x.mean(0) - teacher.mean().reshape(-1)).abs() / std).max() < 5 / len(seeds) ** 0.5 + 0.03
+    cov = teacher.covariance()
+    assert float((torch.cov(x.T) - cov).norm() / cov.norm()) < 0.15  # measured 0.09 (exact samples: ~0.03)
+    # Negative control: 20 % too much churn noise inflates the covariance far beyond that.
+    wrong = edm_sampler(teacher, latents, randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
+                        **dict(kwargs, S_noise=1.2)).reshape(len(seeds), -1)
+    assert float((torch.cov(wrong.T) - cov).norm() / cov.norm()) > 0.3
+
+
+def test_int_labels_are_one_hot_for_the_net():
+    teacher = MixtureTeacher(resolution=4, channels=1, num_components=3, rank=1, conditional=True)
+    latents = torch.randn(3, 1, 4, 4)
+    labels = torch.tensor([0, 2, 1])
+    by_index = edm_sampler(teacher, latents, labels, num_steps=6)
+    by_one_hot = edm_sampler(teacher, latents, torch.nn.functional.one_hot(labels, 3).float(), num_steps=6)
+    torch.testing.assert_close(by_index, by_one_hot, rtol=0, atol=0)
+    resp = teacher.responsibilities(by_index, sigma=0.0)
+    assert resp.argmax(1).tolist() == [0, 2, 1]  # one component per class: samples land in their class
+    with pytest.raises(ValueError, match="class_labels"):
+        edm_sampler(teacher, latents, torch.tensor([0, 3, 1]), num_steps=4)
