@@ -1,0 +1,222 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from get.models import GET, GET_models
+from get.training import (
+    CheckpointMismatchError,
+    NonFiniteGuard,
+    StatsLogger,
+    Throughput,
+    TrainingDivergedError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    plot_loss_curve,
+    prepare_run_dir,
+    rank_seed,
+    read_stats,
+    save_checkpoint,
+    save_image_grid,
+    update_ema,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.zeros(2, dtype=torch.float64), requires_grad=False)
+        self.register_buffer("count", torch.zeros(1, dtype=torch.float64))
+
+
+def test_update_ema_math():
+    model, ema = Tiny(), Tiny()
+    e0 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    ema.w.data.copy_(e0)
+    p1, p2 = torch.tensor([0.5, -1.0, 4.0], dtype=torch.float64), torch.tensor([2.0, 0.0, -3.0], dtype=torch.float64)
+    model.frozen.data.fill_(7.0)  # a frozen parameter is skipped: the EMA copy keeps its own value
+    model.count.fill_(5.0)  # buffers are copied
+    model.w.data.copy_(p1)
+    update_ema(ema, model, 0.9)
+    model.w.data.copy_(p2)
+    update_ema(ema, model, 0.9)
+    expected = 0.9 * (0.9 * e0 + 0.1 * p1) + 0.1 * p2
+    torch.testing.assert_close(ema.w.data, expected, rtol=1e-15, atol=1e-15)
+    assert ema.frozen.data.tolist() == [0.0, 0.0]
+    assert ema.count.item() == 5.0
+
+
+def test_update_ema_skips_gets_pos_embed_and_matches_closed_form():
+    model = GET_models["GET-XXS/2"](input_size=8)
+    ema = GET(**model.config)
+    ema.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    update_ema(ema, model, 0.75)
+    for name, p in ema.named_parameters():
+        if name == "pos_embed":
+            assert torch.equal(p, before[name])
+        else:
+            torch.testing.assert_close(p, before[name] + 0.25)
+
+
+def test_rank_seed_distinct():
+    seeds = {rank_seed(42, r) for r in range(8)}
+    assert len(seeds) == 8 and rank_seed(42, 0) == rank_seed(42, 0) and rank_seed(43, 0) != rank_seed(42, 0)
+
+
+def _tiny_run(tmp_path):
+    torch.manual_seed(0)
+    model = GET_models["GET-XXS/2"](input_size=8)
+    ema = GET(**model.config)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    noise = torch.randn(2, 3, 8, 8)
+    loss = sum(x.abs().mean() for x in model.trajectory(noise))
+    loss.backward()
+    opt.step()
+    update_ema(ema, model, 0.5)
+    return model, ema, opt
+
+
+def test_checkpoint_roundtrip_rng_and_keep(tmp_path):
+    model, ema, opt = _tiny_run(tmp_path)
+    gen = torch.Generator().manual_seed(123)
+    gen.manual_seed(5)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = {"sampler": {"epoch": 2, "position": 17}}
+    for step in (10, 20, 30):
+        path = save_checkpoint(tmp_path, step, {"model": model, "ema": ema}, {"opt": opt}, state,
+                               generators={"z0": gen}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["0000020", "0000030"]
+    assert latest_checkpoint(tmp_path) == path
+    # Random draws right after the save ...
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    # ... are drawn again after loading into fresh objects.
+    model2 = GET(**model.config)
+    ema2 = GET(**model.config)
+    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-3)
+    gen2 = torch.Generator()
+    meta = load_checkpoint(path, {"model": model2, "ema": ema2}, {"opt": opt2}, generators={"z0": gen2})
+    assert meta["step"] == 30 and meta["state"] == state and meta["rng_restored"]
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen2).item()) == expected
+    for a, b in ((model, model2), (ema, ema2)):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb)
+    sa, sb = opt.state_dict(), opt2.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        for key in sa["state"][i]:
+            assert torch.equal(sa["state"][i][key], sb["state"][i][key])
+    # The folder loads as a model; the EMA weights are the default.
+    loaded = GET.from_pretrained(path)
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # The optimiser file is plain data.
+    torch.load(path / "optimizers.pt", weights_only=True)
+
+
+def test_interrupted_save_is_ignored_and_overwritten(tmp_path):
+    model, ema, opt = _tiny_run(tmp_path)
+    save_checkpoint(tmp_path, 1, {"model": model}, {"opt": opt})
+    # A save killed half-way leaves a temporary folder that is never taken for a checkpoint.
+    (tmp_path / "checkpoints" / ".tmp-0000002").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-0000002" / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "0000001"
+    save_checkpoint(tmp_path, 2, {"model": model}, {"opt": opt})
+    save_checkpoint(tmp_path, 2, {"model": model}, {"opt": opt})  # saving a step twice replaces it
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["0000001", "0000002"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_config_mismatch_is_refused(tmp_path):
+    model, ema, opt = _tiny_run(tmp_path)
+    path = save_checkpoint(tmp_path, 1, {"model": model, "ema": ema}, {"opt": opt})
+    other = GET_models["GET-XXS/2"](input_size=8, num_classes=10)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"num_classes: checkpoint 0 vs now 10"):
+        load_checkpoint(path, {"model": other})
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing was loaded
+    with pytest.raises(CheckpointMismatchError, match=r"hidden_size: checkpoint 64 vs now 128"):
+        load_checkpoint(path, {"model": GET_models["GET-XS/2"](input_size=8)})
+    with pytest.raises(KeyError, match="no module"):
+        load_checkpoint(path, {"fake_score": model})
+
+
+def test_prepare_run_dir_refuses_to_overwrite(tmp_path):
+    run_dir, ckpt = prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
+    assert ckpt is None and json.loads((run_dir / "options.json").read_text()) == {"lr": 1e-4}
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
+    model, _, opt = _tiny_run(tmp_path)
+    save_checkpoint(run_dir, 5, {"model": model}, {"opt": opt})
+    with pytest.raises(FileExistsError, match="latest checkpoint 0000005"):
+        prepare_run_dir(run_dir, {"lr": 1e-4}, resume=False)
+    _, ckpt = prepare_run_dir(run_dir, {"lr": 2e-4}, resume=True)
+    assert ckpt.name == "0000005" and (run_dir / "options-resume-0000005.json").exists()
+
+
+def test_stats_logger_truncates_on_resume_and_plots(tmp_path):
+    logger = StatsLogger(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        logger.log(step, {"loss": 1.0 / step, "loss_last": 0.5 / step})
+    with open(tmp_path / "stats.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.1')  # a line cut by a crash
+    StatsLogger(tmp_path, start_step=3, tensorboard=False).log(4, {"loss": 0.2})
+    assert [(r["step"], r["loss"]) for r in read_stats(tmp_path)] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.2)]
+    png = plot_loss_curve(tmp_path)
+    assert Image.open(png).size == (600, 400)
+
+
+def test_tensorboard_events_written(tmp_path):
+    logger = StatsLogger(tmp_path)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_image_grid(tmp_path):
+    images = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 3, 4, 2)  # image i has the value -1 + i/2
+    save_image_grid(images, tmp_path / "g.png", nrow=3)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (8, 6, 3)
+    assert grid[0, 0].tolist() == [0, 0, 0] and grid[0, 2, 0] == 64 and grid[4, 2, 0] == 255  # x·127.5 + 128
+    assert grid[4, 4, 0] == 0  # the unused cell stays black
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        save_image_grid(torch.zeros(1, 2, 4, 4), tmp_path / "bad.png")
+
+
+def test_non_finite_guard():
+    guard = NonFiniteGuard(max_in_row=3)
+    assert guard.check(True, 1)
+    assert not guard.check(False, 2) and not guard.check(False, 3)
+    assert guard.check(True, 4)  # a good step resets the run of bad ones
+    assert not guard.check(False, 5) and not guard.check(False, 6)
+    with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row.*step 7.*5 in all"):
+        guard.check(False, 7)
+
+
+def test_throughput():
+    meter = Throughput()
+    meter.update(10)
+    meter.update(6)
+    assert meter.count == 16 and meter.rate() > 0 and meter.count == 0
