@@ -1,7 +1,13 @@
 import os
 
-import pytest
-import torch
+# Tests run tiny tensors: one intra-op thread avoids OpenMP synchronisation stalls on a 2-core machine (up to 40x
+# slower with 2 threads when the machine is busy), and subprocesses (DDP tests) inherit it. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU the Triton kernels run in the interpreter; it must be switched on before triton is imported.
 if not torch.cuda.is_available():

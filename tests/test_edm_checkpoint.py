@@ -59,15 +59,6 @@ TINY = {
 MODULE_SRC = '"""training/networks.py stand-in: EDM stores the defining module\'s source in every object."""\n'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP sync stalls on a shared 2-core machine (up to 40x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Writing EDM-format snapshots.
 

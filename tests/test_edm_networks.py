@@ -41,15 +41,6 @@ RELEASED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP sync stalls on a shared 2-core machine (up to 40x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _meta(kwargs, cls=EDMPrecond):
     with torch.device("meta"):
         return cls(**kwargs)

@@ -11,15 +11,6 @@ KARRAS_18 = [80.0, 57.585985, 40.785574, 28.374585, 19.352453, 12.910082, 8.4009
              1.088171, 0.585348, 0.296442, 0.139516, 0.059947, 0.022935, 0.007528, 0.002, 0.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP sync stalls on a shared 2-core machine (up to 40x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_time_steps_match_edm():
     t = edm_time_steps(18)
     assert t.dtype == torch.float64 and t.shape == (19,)

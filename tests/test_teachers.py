@@ -10,15 +10,6 @@ from get.edm import save_teacher
 from get.teachers import MixtureTeacher, Teacher, load_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP sync stalls on a shared 2-core machine (up to 40x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small():
     """D = 2 * 4 * 4 = 32, three components of rank 2, conditional with 3 classes."""

@@ -28,16 +28,6 @@ sample = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sample)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls (get.dist.init respects it).
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pairs(root, n=32, channels=3, resolution=8, label_dim=0, shard_size=16, nan=False):
     """A pair folder written through get.data; the 'teacher' is a fixed smooth map of the noise."""
     seeds = list(range(n))
