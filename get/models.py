@@ -196,6 +196,11 @@ class _PatchTransformer(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def _shared_config(self) -> dict:
+        keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                "num_classes", "backend")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
     # ---- input checks ----------------------------------------------------------------------------------------
 
     def _check_inputs(self, noise, class_labels):
@@ -341,17 +346,9 @@ class GET(_PatchTransformer):
     def config(self) -> dict:
         """Plain, JSON-able constructor arguments: ``GET(**model.config)`` rebuilds the architecture."""
         return dict(
-            input_size=self.input_size,
-            patch_size=self.patch_size,
-            in_channels=self.in_channels,
-            hidden_size=self.hidden_size,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
+            **self._shared_config(),
             deq_depth=self.deq_depth,
             deq_mlp_ratio=self.deq_mlp_ratio,
-            num_classes=self.num_classes,
-            backend=self.backend,
             deq=dict(self.deq_options),
         )
 
@@ -446,17 +443,7 @@ class ViT(_PatchTransformer):
 
     @property
     def config(self) -> dict:
-        return dict(
-            input_size=self.input_size,
-            patch_size=self.patch_size,
-            in_channels=self.in_channels,
-            hidden_size=self.hidden_size,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            num_classes=self.num_classes,
-            backend=self.backend,
-        )
+        return self._shared_config()
 
     def forward(self, noise, class_labels=None, z0=None, generator=None, return_info=False):
         c = self._check_inputs(noise, class_labels)
