@@ -31,19 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-# A script's own folder comes first on sys.path, and bench/kernels.py would shadow the `kernels` package that
-# get.models imports: drop this folder from the path before importing the library.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from get import metrics  # noqa: E402
-from get.data import PairDataset  # noqa: E402
-from get.edm.sampler import edm_sampler, seed_inputs  # noqa: E402
-from get.io import write_json  # noqa: E402
-from get.models import GET, GET_models, ViT  # noqa: E402
-from get.teachers import MIXTURE_SPECS, load_teacher  # noqa: E402
-from get.training import latest_checkpoint  # noqa: E402
+from get import metrics
+from get.data import PairDataset
+from get.edm.sampler import edm_sampler, seed_inputs
+from get.io import write_json
+from get.models import GET, GET_models, ViT
+from get.teachers import MIXTURE_SPECS, load_teacher
+from get.training import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NONE = "—"

@@ -66,9 +66,7 @@ def sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The kernel backend for a device: the one place the model picks its attention/LayerNorm/GELU ops."""
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
+    return kernels.default_backend(device) if backend is None else backend
 
 
 #################################################################################

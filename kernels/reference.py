@@ -37,5 +37,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-6, residual=None):
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + bias; bias broadcasts over the last dim."""
-    return F.gelu(x + bias)
+    """Exact (erf) GELU of x + bias; bias broadcasts over the last dim; the result has x's dtype.
+
+    The bias is cast to x's dtype first, so under autocast (bf16 fc1 output, fp32 bias) the wide hidden activation
+    stays in bf16, as the Triton op keeps it.
+    """
+    return F.gelu(x + bias.to(x.dtype))
