@@ -39,7 +39,7 @@ from get.edm.sampler import edm_sampler, seed_inputs
 from get.io import write_json
 from get.models import GET, GET_models, ViT
 from get.teachers import MIXTURE_SPECS, load_teacher
-from get.training import latest_checkpoint
+from get.training import latest_checkpoint, save_image_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 NONE = "—"
@@ -202,6 +202,13 @@ def evaluate(args, pairs_dir: Path, run_dir: Path) -> list[dict]:
     idx = nearest_pair(ds, train_noise, train_labels, noise.cpu(), labels_cpu)
     nearest = ds.get_batch(idx.tolist())["image"]
     add("nearest training pair", 0, nearest, time.perf_counter() - start, targets)
+
+    # One picture for people: the same held-out seeds through the teacher's ODE, the GET, and the nearest pair.
+    k = min(16, args.n_eval)
+    rows_img = torch.cat([targets[:k], samples[:k], nearest[:k].double()]).float()  # (3k, C, R, R)
+    zoom = max(1, 64 // rows_img.shape[-1])  # nearest-neighbour upscaling so small images are visible
+    save_image_grid(rows_img.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2), args.workdir / "compare.png",
+                    nrow=k)
     return rows
 
 
@@ -246,7 +253,12 @@ def main(argv=None) -> None:
     write_json(args.workdir / "quality.json", dict(command=command, args={k: str(v) for k, v in vars(args).items()},
                                                    date=when, torch=torch.__version__, stage_seconds=stage_seconds,
                                                    rows=rows))
-    print(f"wrote {args.workdir / 'quality.json'}")
+    w = args.workdir
+    print(f"outputs in {w}/:\n"
+          f"  compare.png   held-out seeds: teacher ODE (top), GET one step (middle), nearest pair (bottom)\n"
+          f"  quality.json  the table above as JSON\n"
+          f"  pairs/        the training pairs (pairs.png: noise | image)\n"
+          f"  run/          the GET run: loss.png, samples/*.png (EMA grid), stats.jsonl, checkpoints/")
 
 
 if __name__ == "__main__":
