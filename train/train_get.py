@@ -28,6 +28,8 @@ from get.training import (
     NonFiniteGuard,
     StatsLogger,
     Throughput,
+    add_common_arguments,
+    check_common_arguments,
     check_ddp_consistency,
     load_checkpoint,
     micro_batches,
@@ -222,9 +224,6 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps: lr * (step + 1) / warmup")
     p.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.999)
-    p.add_argument("--eps", type=float, default=1e-8)
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
     p.add_argument("--clip-grad", type=float, default=0.0, help="gradient-norm clipping threshold (0: off)")
     p.add_argument("--loss", choices=LOSSES, default="l1", help="per-state loss of the fixed-point correction")
@@ -232,26 +231,11 @@ def parse_args(argv=None):
     p.add_argument("--lpips-vgg", type=str, default=None, help="VGG16 weights for --loss lpips")
     p.add_argument("--lpips-lin", type=str, default=None, help="LPIPS v0.1 heads (vgg.pth) for --loss lpips")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls (paper: on)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
-    # Outputs.
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=10_000)
-    p.add_argument("--ckpt-every", type=int, default=10_000)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (the newest)")
-    p.add_argument("--grid-seeds", type=str, default="0-63", help="seeds of the sample grid (EDM syntax)")
-    # Processes.
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--nproc", type=int, default=None, help="local worker processes to start (default: torchrun's)")
+    add_common_arguments(p, sample_every=10_000, ckpt_every=10_000)
     args = p.parse_args(argv)
-    for name in ("bs", "steps", "log_every", "sample_every", "ckpt_every", "keep", "max_nonfinite"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_common_arguments(p, args)
     if args.micro_bs is not None and args.micro_bs < 1:
         p.error("--micro-bs must be >= 1")
-    if not 0 <= args.ema < 1:
-        p.error("--ema must be in [0, 1)")
     if args.outdir is None:
         args.outdir = Path("runs") / f"{args.model.replace('/', '-')}-{args.data.resolve().name}"
     return args

@@ -1,0 +1,368 @@
+"""DMD / DMD2 (get.distill.dmd): each loss against values computed by hand on tiny float64 cases, the GAN head's
+official layout, the schedules, and train/train_dmd.py end to end with exact resume."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from get.distill import dmd
+from get.edm.checkpoint import save_teacher
+from get.edm.precond import EDMPrecond
+from get.models import GET, GET_models
+from get.teachers import MixtureTeacher
+from get.training import read_stats
+
+
+def gaussian_score(mean: float, var: float):
+    """The exact EDM denoiser of data N(mean, var I): D(x; sigma) = (var x + sigma^2 mean) / (var + sigma^2)."""
+
+    def score(x, sigma, class_labels=None):
+        s2 = torch.as_tensor(sigma, dtype=x.dtype).view(-1, 1, 1, 1) ** 2
+        return (var * x + s2 * mean) / (var + s2)
+
+    return score
+
+
+def test_karras_grid_and_dm_range():
+    grid = dmd.karras_sigmas()
+    assert grid.dtype == torch.float64 and grid.shape == (1000,)
+    assert bool((grid[1:] > grid[:-1]).all())
+    lo, hi = 0.002 ** (1 / 7), 80 ** (1 / 7)
+    for i in (0, 20, 500, 980, 999):
+        assert grid[i].item() == pytest.approx((lo + i / 999 * (hi - lo)) ** 7, rel=1e-12)
+    # spec/DISTILL.md §1: index 20 -> 0.003232, 980 -> 72.05.
+    assert grid[20].item() == pytest.approx(0.003232, abs=5e-7)
+    assert grid[980].item() == pytest.approx(72.05, abs=5e-3)
+    assert dmd.index_range(1000, 0.02, 0.98) == (20, 980)
+    assert dmd.index_range(1000, 0.0, 1.0) == (0, 999)
+    torch.manual_seed(0)
+    sigma = dmd.sample_sigma(4000, grid, 20, 980)
+    assert sigma.dtype == torch.float32
+    assert sigma.min().item() >= grid[20].float().item() and sigma.max().item() <= grid[980].float().item()
+    assert torch.isin(sigma, grid[[20, 980]].float()).any()  # both ends reachable (inclusive range)
+
+
+def test_dm_gradient_by_hand():
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.5]], dtype=torch.float64).view(2, 1, 1, 2)
+    real = torch.tensor([[0.5, -1.0], [0.0, 1.0]], dtype=torch.float64).view(2, 1, 1, 2)
+    fake = torch.tensor([[0.8, -0.4], [0.25, 0.5]], dtype=torch.float64).view(2, 1, 1, 2)
+    g = dmd.dm_gradient(x, real, fake)
+    # sample 0: mean|x - real| = (0.5 + 1) / 2 = 0.75, fake - real = (0.3, 0.6); sample 1: 0.5, (0.25, -0.5)
+    expected = torch.tensor([[0.4, 0.8], [0.5, -1.0]], dtype=torch.float64).view(2, 1, 1, 2)
+    torch.testing.assert_close(g, expected, rtol=0, atol=1e-15)
+    # x on the real prediction: 0/0 is replaced by 0 as in the official code, never NaN.
+    g0 = dmd.dm_gradient(real, real, real)
+    assert bool((g0 == 0).all())
+
+
+def test_surrogate_loss_value_and_gradient():
+    x = torch.tensor([0.3, -0.2, 1.0, 0.0], dtype=torch.float64).view(1, 1, 2, 2).requires_grad_()
+    g = torch.tensor([0.4, 0.8, -1.2, 2.0], dtype=torch.float64).view(1, 1, 2, 2)
+    loss = dmd.surrogate_loss(x, g)
+    assert loss.item() == pytest.approx(0.5 * (0.16 + 0.64 + 1.44 + 4.0) / 4, rel=1e-14)
+    loss.backward()
+    torch.testing.assert_close(x.grad, g / 4, rtol=0, atol=1e-16)
+
+
+def test_distribution_matching_loss_by_hand():
+    # Real data N(0, 0.25), fake N(0.1, 1); x = (0.3, -0.2), sigma = 1, noise (0.5, 1.0) -> x_sigma = (0.8, 0.8).
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64).view(1, 1, 1, 2).requires_grad_()
+    noise = torch.tensor([0.5, 1.0], dtype=torch.float64).view(1, 1, 1, 2)
+    sigma = torch.tensor([1.0], dtype=torch.float64)
+    loss, g = dmd.distribution_matching_loss(x, gaussian_score(0.0, 0.25), gaussian_score(0.1, 1.0), sigma, noise)
+    # D_real = 0.2 * 0.8 = 0.16, D_fake = (0.8 + 0.1) / 2 = 0.45, mean|x - D_real| = (0.14 + 0.36) / 2 = 0.25.
+    torch.testing.assert_close(g, torch.full_like(x, 1.16), rtol=0, atol=1e-14)
+    assert loss.item() == pytest.approx(0.5 * 1.16 ** 2, rel=1e-13)
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.58), rtol=0, atol=1e-14)
+
+
+def test_denoising_losses_by_hand():
+    assert dmd.edm_loss_weight(torch.tensor([0.5, 2.0], dtype=torch.float64)).tolist() == [8.0, 4.25]
+    denoised = torch.tensor([0.5, 0.1], dtype=torch.float64).view(2, 1, 1, 1)
+    target = torch.tensor([0.3, 0.5], dtype=torch.float64).view(2, 1, 1, 1)
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    # (8 * 0.04 + 4.25 * 0.16) / 2
+    assert dmd.denoising_loss(denoised, target, sigma).item() == pytest.approx((0.32 + 0.68) / 2, rel=1e-13)
+    # Fake-score loss: D_fake of N(0, 1) data at sigma 1 on x = 0.6, noise 0.4 -> x_sigma = 1, D = 0.5;
+    # lambda(1) = 1 + 4 = 5; 5 * (0.5 - 0.6)^2 = 0.05. The target is detached.
+    x = torch.tensor([0.6], dtype=torch.float64).view(1, 1, 1, 1).requires_grad_()
+    loss = dmd.fake_score_loss(gaussian_score(0.0, 1.0), x, torch.tensor([1.0], dtype=torch.float64),
+                               torch.tensor([0.4], dtype=torch.float64).view(1, 1, 1, 1))
+    assert loss.item() == pytest.approx(0.05, rel=1e-13)
+    assert not loss.requires_grad
+
+
+def test_gan_losses_by_hand():
+    logits_real = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    logits_fake = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    sp = lambda v: math.log1p(math.exp(v))
+    d = (sp(1.0) + sp(-1.0)) / 2 + (sp(0.0) + sp(-2.0)) / 2
+    assert dmd.gan_discriminator_loss(logits_real, logits_fake).item() == pytest.approx(d, rel=1e-14)
+    assert dmd.gan_discriminator_loss(logits_real, logits_fake).item() == pytest.approx(1.22329928, abs=1e-8)
+    assert dmd.gan_generator_loss(logits_fake).item() == pytest.approx((sp(-1.0) + sp(1.0)) / 2, rel=1e-14)
+
+
+def test_gan_head_official_layout():
+    head = dmd.GANHead(768, 8)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {  # DMD2 edm_guidance.py cls_pred_branch for the 768 x 8 x 8 ADM bottleneck
+        "cls_pred_branch.0.weight": (768, 768, 4, 4), "cls_pred_branch.0.bias": (768,),
+        "cls_pred_branch.1.weight": (768,), "cls_pred_branch.1.bias": (768,),
+        "cls_pred_branch.3.weight": (768, 768, 4, 4), "cls_pred_branch.3.bias": (768,),
+        "cls_pred_branch.4.weight": (768,), "cls_pred_branch.4.bias": (768,),
+        "cls_pred_branch.6.weight": (1, 768, 1, 1), "cls_pred_branch.6.bias": (1,),
+    }
+    assert head.cls_pred_branch[1].num_groups == 32 and head.cls_pred_branch[0].stride == (2, 2)
+    # Small heads keep >= 4 channels per group: a 1-channel group after the 1x1 conv would output a constant.
+    assert [dmd.GANHead(c, 4).cls_pred_branch[1].num_groups for c in (32, 12, 7)] == [8, 3, 1]
+    assert head.cls_pred_branch[3].stride == (4, 4)
+    assert head(torch.randn(2, 768, 8, 8)).shape == (2,)
+    small = dmd.GANHead(64, 4)
+    assert len(small.cls_pred_branch) == 4 and small(torch.randn(3, 64, 4, 4)).shape == (3,)
+    assert dmd.GANHead(12, 16)(torch.randn(2, 12, 16, 16)).shape == (2,)  # 16 -> 8 -> 4 -> 1
+
+
+def test_gan_logits_read_the_fake_bottleneck():
+    fake = dmd.small_fake_score(8, 3, 0, model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    head = dmd.GANHead(32, 4)
+    x, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    sigma = torch.tensor([0.5, 3.0])
+    expected = head(fake.bottleneck(x + sigma.view(-1, 1, 1, 1) * noise, sigma))
+    torch.testing.assert_close(dmd.gan_logits(fake, head, x, sigma, noise), expected)
+
+
+def test_generator_and_critic_loss_compositions():
+    """One generator and one critic objective of each method, against the pieces computed by hand."""
+    grid = dmd.karras_sigmas()
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64).view(1, 1, 1, 2).requires_grad_()
+    real, fake = gaussian_score(0.0, 0.25), gaussian_score(0.1, 1.0)
+    settings = dmd.DMDSettings("dmd")
+    reg = torch.tensor(0.4, dtype=torch.float64)
+    torch.manual_seed(3)
+    loss, stats = dmd.generator_loss(settings, x, real, fake, grid, regression=reg)
+    torch.manual_seed(3)  # the same draws by hand: k ~ U{20..980}, then the noise
+    sigma = grid[torch.randint(20, 981, (1,))].float()
+    noise = torch.randn_like(x)
+    x_sigma = x.detach() + sigma.double() * noise
+    d_real, d_fake = real(x_sigma, sigma.double()), fake(x_sigma, sigma.double())
+    g = (d_fake - d_real) / (x.detach() - d_real).abs().mean()
+    assert loss.item() == pytest.approx(0.5 * g.square().mean().item() + 0.25 * 0.4, rel=1e-6)
+    assert stats["loss_reg"].item() == 0.4
+    with pytest.raises(ValueError, match="regression"):
+        dmd.generator_loss(settings, x, real, fake, grid)
+
+    # DMD critic: the EDM-weighted denoising loss at k ~ U{0..999}.
+    fake_net = dmd.small_fake_score(8, 3, 0, model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    xf = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(5)
+    loss_c, _ = dmd.critic_loss(settings, xf, fake_net, grid)
+    torch.manual_seed(5)
+    sigma = grid[torch.randint(0, 1000, (2,))].float()
+    noise = torch.randn_like(xf)
+    lam = 1 / sigma ** 2 + 4
+    ref = (lam.view(-1, 1, 1, 1) * (fake_net(xf + sigma.view(-1, 1, 1, 1) * noise, sigma) - xf) ** 2).mean()
+    assert loss_c.item() == pytest.approx(ref.item(), rel=1e-5)
+
+    # DMD2: generator adds 3e-3 softplus(-l_fake); critic adds 1e-2 (softplus(l_fake) + softplus(-l_real)).
+    settings2 = dmd.DMDSettings("dmd2")
+    assert settings2.ttur == 5 and settings.ttur == 1
+    head = dmd.GANHead(32, 4)
+    xg = torch.randn(2, 3, 8, 8, requires_grad=True)
+    torch.manual_seed(7)
+    loss_g, stats_g = dmd.generator_loss(settings2, xg, fake_net, fake_net, grid, head=head)
+    assert stats_g["loss_dm"].item() == 0.0  # real == fake: zero gradient
+    torch.manual_seed(7)
+    torch.randint(20, 981, (2,)), torch.randn_like(xg)  # the DM draws
+    sigma = grid[torch.randint(0, 1000, (2,))].float()
+    logits = head(fake_net.bottleneck(xg.detach() + sigma.view(-1, 1, 1, 1) * torch.randn_like(xg), sigma))
+    assert loss_g.item() == pytest.approx(3e-3 * F.softplus(-logits).mean().item(), rel=1e-5)
+    xr = torch.randn(3, 3, 8, 8)
+    torch.manual_seed(9)
+    loss_d, stats_d = dmd.critic_loss(settings2, xg, fake_net, grid, head=head, x_real=xr)
+    torch.manual_seed(9)
+    s0 = grid[torch.randint(0, 1000, (2,))].float()
+    dsm = dmd.fake_score_loss(fake_net, xg, s0, torch.randn_like(xg))
+    s1 = grid[torch.randint(0, 1000, (2,))].float()
+    lf = dmd.gan_logits(fake_net, head, xg.detach(), s1, torch.randn_like(xg))
+    s2 = grid[torch.randint(0, 1000, (3,))].float()
+    lr = dmd.gan_logits(fake_net, head, xr, s2, torch.randn_like(xr))
+    ref = dsm + 1e-2 * (F.softplus(lf).mean() + F.softplus(-lr).mean())
+    assert loss_d.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert set(stats_d) == {"loss_fake", "loss_gan_d", "logits_real", "logits_fake"}
+
+
+def test_settings_validation_and_schedule():
+    with pytest.raises(ValueError, match="method"):
+        dmd.DMDSettings("sid")
+    with pytest.raises(ValueError, match="ttur"):
+        dmd.DMDSettings("dmd2", ttur=0)
+    with pytest.raises(ValueError, match="decreasing"):
+        dmd.DMDSettings("dmd2", gen_sigmas=(1.0, 80.0))
+    with pytest.raises(ValueError, match="multi-step"):
+        dmd.DMDSettings("dmd2", backward_simulation=True)
+    assert [s for s in range(12) if dmd.is_generator_turn(s, 5)] == [0, 5, 10]
+    assert all(dmd.is_generator_turn(s, 1) for s in range(4))
+
+
+def test_backward_simulation_and_multistep_sampling_by_hand():
+    sample_fn = lambda inp: 2.0 * inp  # a toy generator step
+    z = torch.tensor([1.0, -1.0], dtype=torch.float64).view(1, 1, 1, 2)
+    eps = [torch.tensor([0.5, 0.25], dtype=torch.float64).view(1, 1, 1, 2),
+           torch.tensor([-1.0, 2.0], dtype=torch.float64).view(1, 1, 1, 2)]
+    draws = iter(eps)
+    randn_like = lambda t: next(draws)
+    sigmas = (80.0, 4.0, 1.0)
+    assert torch.equal(dmd.backward_simulation(sample_fn, z, sigmas, 0), z)
+    # step 2: x0 = 2z = (2, -2); input_1 = x0/4 + eps0 = (1, -0.25); x0 = (2, -0.5); input_2 = x0/1 + eps1 = (1, 1.5)
+    out = dmd.backward_simulation(sample_fn, z, sigmas, 2, randn_like)
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.5], dtype=torch.float64).view(1, 1, 1, 2))
+    draws = iter(eps)
+    out = dmd.sample_generator(sample_fn, z, sigmas, randn_like)
+    torch.testing.assert_close(out, torch.tensor([2.0, 3.0], dtype=torch.float64).view(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="step"):
+        dmd.backward_simulation(sample_fn, z, sigmas, 3)
+
+
+def test_fake_score_copies_an_edm_teacher_with_dropout_off():
+    teacher = EDMPrecond(img_resolution=8, img_channels=3, label_dim=2, model_type="SongUNet", model_channels=16,
+                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.3).eval()
+    teacher.requires_grad_(False)
+    assert dmd.is_edm_network(teacher)
+    fake = dmd.make_fake_score(teacher)
+    assert fake.config["kwargs"]["dropout"] == 0.0 and fake is not teacher
+    assert all(p.requires_grad for p in fake.parameters())
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 2.0]), dmd.one_hot(torch.tensor([0, 1]), 2)
+    torch.testing.assert_close(fake.train()(x, sigma, labels), teacher(x, sigma, labels))  # dropout 0 in training
+
+    class Analytic:  # a teacher without a network: only the small DDPM++ fake score can model it
+        resolution, channels, label_dim = 8, 3, 0
+
+    small = dmd.make_fake_score(Analytic(), "scratch", model_channels=16, channel_mult=(1, 2))
+    assert small.config["kwargs"]["model_type"] == "SongUNet" and small.bottleneck(x, sigma).shape == (2, 32, 4, 4)
+
+
+def test_residual_fake_score_starts_at_the_teacher():
+    teacher = MixtureTeacher.preset("demo")
+    fake = dmd.make_fake_score(teacher, "residual", model_channels=8)
+    assert isinstance(fake, dmd.ResidualFakeScore)
+    assert all(k.startswith("net.") for k in fake.state_dict())  # the frozen teacher is not saved
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.05, 4.0])
+    d_teacher = teacher(x, sigma).float()
+    # The correction's output layer starts at ~1e-5 of its fan-in init: D_fake = D_real up to ~1e-4.
+    torch.testing.assert_close(fake(x, sigma), d_teacher, rtol=0, atol=1e-3)
+    c_skip = 0.25 / (sigma ** 2 + 0.25)
+    expected = d_teacher + fake.net(x, sigma) - c_skip.view(-1, 1, 1, 1) * x
+    torch.testing.assert_close(fake(x, sigma), expected, rtol=0, atol=1e-6)
+    assert fake.bottleneck(x, sigma).shape == (2, 16, 4, 4)
+    loss = dmd.fake_score_loss(fake, torch.randn(2, 3, 16, 16), sigma, torch.randn(2, 3, 16, 16))
+    loss.backward()  # gradients reach the correction only
+    assert all(p.grad is not None for p in fake.net.parameters() if p.requires_grad)
+    assert dmd.make_fake_score(teacher, model_channels=8).config["class_name"] == "EDMPrecond"  # auto: scratch
+    with pytest.raises(ValueError, match="copy"):
+        dmd.make_fake_score(teacher, "copy")
+
+
+# ----------------------------------------------------------------------------
+# train/train_dmd.py end to end.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return (_load_script("train_dmd", REPO / "train" / "train_dmd.py"),
+            _load_script("generate", REPO / "data_gen" / "generate.py"))
+
+
+@pytest.fixture(scope="module")
+def edm_pairs(tmp_path_factory, scripts):
+    """A tiny conditional EDM teacher (8x8 DDPM++) saved as a converted folder, and 32 pairs made from it."""
+    _, generate = scripts
+    root = tmp_path_factory.mktemp("edm")
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=2, model_type="SongUNet", model_channels=16,
+                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.1, name="tiny-edm")
+    save_teacher(net, root / "teacher")
+    assert generate.main(generate.parse_args(["--teacher", str(root / "teacher"), "--seeds", "0-31", "--steps", "2",
+                                              "--outdir", str(root / "pairs"), "--batch", "32", "--grid", "0",
+                                              "--device", "cpu"])) == 0
+    return root
+
+
+def _run_dmd(train_dmd, *argv):
+    return train_dmd.main(train_dmd.parse_args([*argv, "--device", "cpu", "--log-every", "1", "--grid-seeds", "0-3"]))
+
+
+def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path):
+    train_dmd, _ = scripts
+    common = ["--method", "dmd2", "--data", str(edm_pairs / "pairs"), "--teacher", str(edm_pairs / "teacher"),
+              "--model", "GET-XXS/2", "--bs", "4", "--ttur", "2", "--ckpt-every", "2", "--sample-every", "2",
+              "--eval-every", "0", "--lr", "1e-3"]
+    _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "full"), "--steps", "4")
+    _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "part"), "--steps", "2")
+    _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "part"), "--steps", "4", "--resume")
+    full, part = read_stats(tmp_path / "full"), read_stats(tmp_path / "part")
+    assert [r["step"] for r in part] == [1, 2, 3, 4]
+    keys = ("loss_dm", "loss_gan_g", "loss_fake", "loss_gan_d", "grad_norm_g", "grad_norm_c")
+    for a, b in zip(full, part):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, a["step"]
+    assert "loss_gan_g" in full[0] and "loss_gan_g" not in full[1] and "loss_gan_g" in full[2]  # TTUR 2
+    ckpt_a, ckpt_b = tmp_path / "full/checkpoints/0000004", tmp_path / "part/checkpoints/0000004"
+    for name in ("model", "fake", "head"):
+        ta, tb = load_file(str(ckpt_a / f"{name}.safetensors")), load_file(str(ckpt_b / f"{name}.safetensors"))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    start = GET_models["GET-XXS/2"](input_size=8, num_classes=2)
+    trained = GET.from_pretrained(ckpt_a)  # the checkpoint folder loads as a GET
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values()))
+    meta = json.loads((ckpt_a / "checkpoint.json").read_text())
+    assert meta["modules"]["fake"]["kwargs"]["dropout"] == 0.0 and meta["optimizers"] == ["critic", "generator"]
+    assert (tmp_path / "full/samples/0000004.png").is_file()
+    # --init-fake: a new run starts its fake score and head from a checkpoint (with lr 0 they stay exactly so).
+    _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "init"), "--steps", "1", "--init-fake", str(ckpt_a),
+             "--lr", "0", "--fake-lr", "0")
+    for name in ("fake", "head"):
+        ta = load_file(str(ckpt_a / f"{name}.safetensors"))
+        tb = load_file(str(tmp_path / "init/checkpoints/0000001" / f"{name}.safetensors"))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "full"), "--steps", "6")
+
+
+def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
+    """DMD with the residual fake score: warm-up, regression on pairs, exact metrics, and teacher checks."""
+    train_dmd, generate = scripts
+    pairs = tmp_path / "pairs"
+    assert generate.main(generate.parse_args(["--teacher", "mixture-demo", "--seeds", "0-15", "--steps", "2",
+                                              "--outdir", str(pairs), "--batch", "16", "--grid", "0",
+                                              "--device", "cpu"])) == 0
+    # GET-XXS/2 offline-distilled stand-in: a fresh one saved as a pretrained folder.
+    torch.manual_seed(0)
+    GET_models["GET-XXS/2"](input_size=16).save_pretrained(tmp_path / "gen")
+    _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
+             "--outdir", str(tmp_path / "run"), "--bs", "4", "--steps", "3", "--fake-warmup", "1",
+             "--fake-channels", "8", "--reg-loss", "l1", "--eval-every", "3", "--eval-seeds", "0-99",
+             "--eval-ref", "200", "--sample-every", "3", "--ckpt-every", "3")
+    stats = read_stats(tmp_path / "run")
+    evals = [r for r in stats if "eval/fd_pixel" in r]
+    assert [r["step"] for r in evals] == [0, 3] and evals[0]["eval/fd_pixel"] > 0
+    train = [r for r in stats if "loss_fake" in r]
+    assert "loss_dm" not in train[0] and "loss_reg" in train[1] and "loss_reg" in train[2]  # warm-up, then G
+    options = json.loads((tmp_path / "run/options.json").read_text())
+    assert options["fake_score_resolved"] == "scratch" and options["settings"]["reg_weight"] == 0.25
+    with pytest.raises(ValueError, match="not those of the teacher"):
+        _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
+                 "--teacher", "mixture", "--outdir", str(tmp_path / "bad"), "--steps", "1", "--bs", "4")

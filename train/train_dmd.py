@@ -1,0 +1,430 @@
+"""DMD / DMD2 distillation with a GET as the one-step generator (spec/DISTILL.md), one process or torchrun DDP.
+
+    python train/train_dmd.py --method dmd  --generator runs/GET-B-2-.../checkpoints/0800000 --data data/pairs/...
+    python train/train_dmd.py --method dmd2 --generator CKPT --data DIR --teacher edm-cifar10-32x32-uncond-vp
+    torchrun --nproc-per-node 8 train/train_dmd.py --method dmd2 ...          # or: python ... --nproc 8
+    python train/train_dmd.py --resume --outdir runs/...                       # continue a run exactly
+
+Networks: the generator G is a GET (from an offline-distilled checkpoint, --generator, or from scratch, --model); the
+real score is the frozen teacher (default: the one that made the pairs, checked by its sha256); the fake score is a
+trainable copy of the teacher's network for EDM teachers, and for the analytic teacher (which has no network) a small
+DDPM++ network (get.distill.dmd.small_fake_score) that is first warmed up for --fake-warmup iterations by denoising
+score matching on G's samples before G starts to move. DMD2 adds a GAN head on the fake network's bottleneck.
+
+Each iteration: when it is G's turn (DMD every iteration, DMD2 every --ttur-th after the warm-up), one G update on
+the distribution-matching loss plus DMD's regression on a pair batch (--reg-loss, weight 0.25) or DMD2's GAN term;
+then one critic update (EDM-weighted denoising of G's samples, plus DMD2's discriminator loss with the pair images as
+the real data). Defaults: the papers' AdamW (lr 5e-5, weight decay 0.01, betas (0.9, 0.999)) for both optimisers,
+gradient clipping at 10, global batch 392 (DMD's CIFAR-10 batch), no EMA (as DMD2). The global batch is --bs on any
+number of ranks. Metrics every --eval-every steps: the exact metrics of the analytic teacher (get.metrics.
+MixtureEvaluator: Fréchet distance to the true distribution in pixel and feature space, ...), or FID against
+--fid-ref statistics for EDM teachers.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from get import dist
+from get.data import EpochSampler, PairDataset
+from get.distill import dmd
+from get.edm.sampler import parse_seeds, seed_inputs
+from get.losses import LOSSES, get_loss_fn, lpips_weight_paths
+from get.metrics import MixtureEvaluator, fid, to_uint8
+from get.models import GET, GET_models
+from get.teachers import load_teacher
+from get.training import (
+    MethodWrapper,
+    NonFiniteGuard,
+    StatsLogger,
+    Throughput,
+    add_common_arguments,
+    check_common_arguments,
+    check_ddp_consistency,
+    derived_seed,
+    load_checkpoint,
+    micro_batches,
+    plot_loss_curve,
+    prepare_run_dir,
+    rank_seed,
+    requires_grad,
+    save_checkpoint,
+    save_image_grid,
+    seed_all,
+    update_ema,
+)
+
+SAMPLE_SEED = 0  # z_0 and the re-noising of the sample grids and evaluations: fixed, so they compare across steps
+
+#################################################################################
+#                                  Helpers                                      #
+#################################################################################
+
+
+def build_teacher(args, ds, device):
+    """The real score: --teacher, or the teacher recorded in the pairs' manifest; must be the one that made them."""
+    recorded = ds.teacher if isinstance(ds.teacher, dict) else {}
+    spec = args.teacher or recorded.get("name")
+    if not spec:
+        raise ValueError(f"{args.data}: the manifest names no teacher; pass --teacher")
+    teacher = load_teacher(spec, device)
+    if "sha256" in recorded and teacher.identity()["sha256"] != recorded["sha256"]:
+        raise ValueError(f"--teacher {spec}: its weights (sha256 {teacher.identity()['sha256'][:16]}...) are not those "
+                         f"of the teacher that made {args.data} ({recorded.get('name')}, {recorded['sha256'][:16]}...)")
+    for attr, value in (("resolution", ds.resolution), ("channels", ds.channels), ("label_dim", ds.label_dim)):
+        if getattr(teacher, attr) != value:
+            raise ValueError(f"--teacher {spec}: {attr} {getattr(teacher, attr)} but the pairs have {value}")
+    return teacher
+
+
+def build_generator(args, ds, device):
+    """G (trainable) and its EMA copy (None without --ema): from --generator, or a fresh --model seeded by --seed."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    overrides = {} if args.backend is None else {"backend": args.backend}
+    if args.generator is not None:
+        model = GET.from_pretrained(args.generator, ema=args.generator_ema, **overrides)
+    else:
+        model = GET_models[args.model](input_size=ds.resolution, in_channels=ds.channels,
+                                       num_classes=ds.label_dim if ds.conditional else 0, **overrides)
+    want = dict(input_size=ds.resolution, in_channels=ds.channels, num_classes=ds.label_dim)
+    have = {k: model.config[k] for k in want}
+    if have != want:
+        raise ValueError(f"--generator {args.generator}: the GET has {have}, the pairs need {want}")
+    model = model.to(device)
+    model.check_finite = False  # the loop checks finiteness itself, on every rank alike
+    ema = None
+    if args.ema > 0:
+        ema = type(model)(**model.config).to(device)
+        ema.load_state_dict(model.state_dict())
+        requires_grad(ema, False)
+        ema.eval()
+    return model, ema
+
+
+def build_critic(args, settings, teacher, device):
+    """The fake score (copy of an EDM teacher, or the small network) and, for DMD2, the GAN head on its bottleneck."""
+    torch.manual_seed(args.seed + 1)
+    fake = dmd.make_fake_score(teacher, args.fake_score, model_channels=args.fake_channels).to(device).train()
+    head = None
+    if settings.method == "dmd2":
+        channels, side, _ = dmd.bottleneck_shape(fake, teacher.channels, teacher.resolution, teacher.label_dim)
+        head = dmd.GANHead(channels, side).to(device)
+    grid = dmd.karras_sigmas(settings.num_sigmas, settings.sigma_min, settings.sigma_max, settings.rho, device)
+    return dmd.Critic(settings, fake, head, grid)
+
+
+@torch.no_grad()
+def generate(model, seeds, teacher, device, sigmas, label_policy, batch=500):
+    """Samples (N, C, R, R) of seeds: latents and labels from each seed (get.edm.sampler.seed_inputs), fixed z_0."""
+    latents, labels = seed_inputs(seeds, teacher, "cpu", label_policy)
+    z0_gen = torch.Generator(device).manual_seed(SAMPLE_SEED)
+    noise_gen = torch.Generator(device).manual_seed(SAMPLE_SEED + 1)
+    randn_like = lambda t: torch.randn(t.shape, generator=noise_gen, device=t.device, dtype=t.dtype)
+    out = []
+    for i in range(0, len(seeds), batch):
+        lab = None if labels is None else labels[i:i + batch].to(device)
+        sample_fn = lambda inp, lab=lab: model(inp, lab, generator=z0_gen)
+        out.append(dmd.sample_generator(sample_fn, latents[i:i + batch].to(device), sigmas, randn_like).cpu())
+    return torch.cat(out), labels
+
+
+def evaluate(model, args, teacher, device, sigmas, label_policy, evaluator):
+    """Rank 0's metrics of the generator on --eval-seeds: the analytic teacher's exact metrics, or FID (--fid-ref)."""
+    seeds = parse_seeds(args.eval_seeds)
+    samples, labels = generate(model, seeds, teacher, device, sigmas, label_policy)
+    if evaluator is not None:
+        metrics = evaluator(samples, class_labels=labels if teacher.label_dim else None)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {"fid": fid(to_uint8(samples), args.fid_ref, mode=args.fid_mode, device=device)}
+
+
+def regression_loss_fn(args, channels, device):
+    """DMD's regression loss: LPIPS when its weights are present (--reg-loss auto), else L1."""
+    name = args.reg_loss
+    if name == "auto":
+        have_lpips = channels == 3 and all(Path(p).is_file() for p in lpips_weight_paths())
+        name = "lpips" if have_lpips else "l1"
+    fn = get_loss_fn(name)
+    return (fn.to(device) if isinstance(fn, torch.nn.Module) else fn), name
+
+
+#################################################################################
+#                                Training loop                                  #
+#################################################################################
+
+
+def main(args):
+    device = dist.init(args.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.bs % world:
+        raise ValueError(f"--bs {args.bs} is not divisible by the world size {world}")
+    per_rank = args.bs // world
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    settings = dmd.DMDSettings(args.method, ttur=args.ttur, reg_weight=args.reg_weight,
+                               gen_gan_weight=args.gen_gan_weight, critic_gan_weight=args.critic_gan_weight,
+                               gen_sigmas=tuple(args.gen_sigmas), backward_simulation=args.backward_simulation)
+
+    # Data, networks, optimisers.
+    ds = PairDataset(args.data)
+    if len(ds) < args.bs:
+        raise ValueError(f"{args.data}: {len(ds)} pairs, fewer than one batch (--bs {args.bs})")
+    label_policy = ds.manifest["settings"].get("label_policy", "random")
+    teacher = build_teacher(args, ds, device)
+    model, ema = build_generator(args, ds, device)
+    critic = build_critic(args, settings, teacher, device)
+    fake_kind = args.fake_score if args.fake_score != "auto" else (
+        "copy" if dmd.is_edm_network(teacher) else "scratch")
+    fake_warmup = args.fake_warmup if args.fake_warmup is not None else (0 if fake_kind == "copy" else 1000)
+    g_params = [p for p in model.parameters() if p.requires_grad]
+    c_params = list(critic.parameters())
+    adamw = dict(betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
+    opt_g = torch.optim.AdamW(g_params, lr=args.lr, **adamw)
+    opt_c = torch.optim.AdamW(c_params, lr=args.fake_lr or args.lr, **adamw)
+    reg_fn, reg_name = regression_loss_fn(args, ds.channels, device) if args.method == "dmd" else (None, None)
+    sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
+    z0_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank))  # GET's z_0 in training
+    guard = NonFiniteGuard(args.max_nonfinite)
+    seed_all(rank_seed(args.seed + 1, rank))  # sigma, noise, latents and labels: per-rank streams
+
+    modules = {"model": model, "fake": critic.fake}
+    if critic.head is not None:
+        modules["head"] = critic.head
+    if ema is not None:
+        modules["ema"] = ema
+    optimizers = {"generator": opt_g, "critic": opt_c}
+
+    # Run folder; resume.
+    options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
+                   per_rank_batch=per_rank, settings=settings.to_dict(), fake_warmup_resolved=fake_warmup,
+                   fake_score_resolved=fake_kind,
+                   reg_loss_resolved=reg_name, teacher_identity={k: v for k, v in teacher.identity().items()
+                                                                 if k != "config"},
+                   model_config=model.config, fake_config=critic.fake.config,
+                   dataset=dict(root=str(args.data), size=len(ds), resolution=ds.resolution, channels=ds.channels,
+                                label_dim=ds.label_dim))
+    run_dir, ckpt = prepare_run_dir(args.outdir, options, args.resume)
+    step = 0
+    if ckpt is None and args.init_fake is not None:  # weights only: a warmed-up fake score (and head)
+        load_checkpoint(args.init_fake, {k: v for k, v in modules.items() if k in ("fake", "head")},
+                        restore_rng=False)
+        dist.print0(f"Fake score{' and GAN head' if critic.head is not None else ''} from {args.init_fake}.")
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, modules, optimizers, {"z0": z0_gen})
+        step = meta["step"]
+        sampler.load_state_dict(meta["state"]["sampler"])
+        guard.load_state_dict(meta["state"]["guard"])
+        if not meta["rng_restored"]:  # another world size: fresh streams, still deterministic
+            z0_gen.manual_seed(rank_seed(args.seed + step, rank))
+            seed_all(rank_seed(args.seed + 1 + step, rank))
+        dist.print0(f"Resumed from {ckpt} at step {step}.")
+    dist.print0(f"{args.method.upper()}: GET {sum(p.numel() for p in g_params):,} parameters, fake score "
+                f"{sum(p.numel() for p in c_params):,} (with head); teacher {teacher.name}; {len(ds):,} pairs "
+                f"{ds.channels}x{ds.resolution}x{ds.resolution}; batch {args.bs} = world {world} x {per_rank}; "
+                f"fake warm-up {fake_warmup} iterations; run {run_dir}")
+
+    g_ddp, c_ddp = MethodWrapper(model, "trajectory"), critic
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        g_ddp, c_ddp = DDP(g_ddp, device_ids=ids), DDP(critic, device_ids=ids)
+    model.train()
+    evaluator = None
+    if dist.is_main() and args.eval_every and hasattr(teacher, "log_prob"):
+        evaluator = MixtureEvaluator(teacher, n_ref=args.eval_ref)
+    elif args.eval_every and args.fid_ref is None:
+        dist.print0("No metrics during training: pass --fid-ref statistics (.npz) for an EDM teacher.")
+    can_eval = evaluator is not None or args.fid_ref is not None
+    logger = StatsLogger(run_dir, start_step=step)
+    meter = Throughput()
+    data = micro_batches(ds, sampler, per_rank, device)
+    sums, counts = {}, {}
+    sigmas, C, R = settings.gen_sigmas, ds.channels, ds.resolution
+
+    def accumulate(stats):
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().double()
+            counts[key] = counts.get(key, 0) + 1
+
+    def sample_model():
+        return ema if ema is not None else model
+
+    def log_metrics(step):
+        metrics = evaluate(sample_model().eval(), args, teacher, device, sigmas, label_policy, evaluator)
+        model.train()
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def optimizer_step(opt, params, loss, kind, step):
+        """Backward, clip, the non-finite check agreed by all ranks, step; returns the gradient norm."""
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
+        ok = bool(dist.all_mean((torch.isfinite(loss) & torch.isfinite(norm)).double()) == 1)
+        if guard.check(ok, step + 1):
+            opt.step()
+        elif dist.is_main():
+            bar.write(f"step {step + 1}: non-finite {kind} loss or gradient, update skipped ({guard.in_row} in a row)")
+        opt.zero_grad(set_to_none=True)
+        return norm if ok else None
+
+    bar = tqdm(total=args.steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True, desc=args.method)
+    if step == 0 and can_eval and dist.is_main():
+        log_metrics(0)  # the starting generator, under the same protocol
+    while step < args.steps:
+        lr_scale = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+        for opt, base in ((opt_g, args.lr), (opt_c, args.fake_lr or args.lr)):
+            for group in opt.param_groups:
+                group["lr"] = base * lr_scale
+        batch = next(data)  # pairs: DMD's regression targets, DMD2's real images
+        pair_labels = batch.get("label") if ds.conditional else None
+        latents = torch.randn(per_rank, C, R, R, device=device)  # (B, C, R, R)
+        labels = torch.randint(ds.label_dim, (per_rank,), device=device) if ds.conditional else None
+        if settings.backward_simulation:  # the same generator step on every rank
+            s = int(torch.randint(len(sigmas), (1,), generator=torch.Generator().manual_seed(
+                derived_seed(args.seed, step))))
+            sample_fn = lambda inp, labels=labels: model(inp, labels, generator=z0_gen)
+            latents = dmd.backward_simulation(sample_fn, latents, sigmas, s)
+        onehot = dmd.one_hot(labels, ds.label_dim)
+
+        generator_turn = step >= fake_warmup and dmd.is_generator_turn(step - fake_warmup, settings.ttur)
+        if generator_turn:
+            requires_grad(critic, False)
+            if args.method == "dmd":  # one G forward over the fresh latents and the pairs' noise
+                both = torch.cat([latents, batch["noise"]])
+                both_labels = None if labels is None else torch.cat([labels, pair_labels])
+                x, x_ref = g_ddp(both, both_labels, generator=z0_gen)[-1].float().split([per_rank, per_rank])
+                regression = reg_fn(x_ref, batch["image"])
+            else:
+                x, regression = g_ddp(latents, labels, generator=z0_gen)[-1].float(), None
+            loss_g, stats_g = dmd.generator_loss(settings, x, teacher, critic.fake, critic.grid, onehot, critic.head,
+                                                 regression)
+            norm = optimizer_step(opt_g, g_params, loss_g, "generator", step)
+            if norm is not None:
+                if ema is not None:
+                    update_ema(ema, model, args.ema)
+                accumulate(dict(stats_g, loss_g=loss_g, grad_norm_g=norm))
+            requires_grad(critic, True)
+            x_fake = x.detach()
+        else:
+            with torch.no_grad():
+                x_fake = model.trajectory(latents, labels, generator=z0_gen)[-1].float()
+
+        real_labels = dmd.one_hot(pair_labels, ds.label_dim)
+        diagnose = (step + 1) % args.log_every == 0  # how well the fake score models G, against the teacher
+        loss_c, stats_c = c_ddp(x_fake, onehot, batch["image"] if args.method == "dmd2" else None, real_labels,
+                                teacher if diagnose else None)
+        norm = optimizer_step(opt_c, c_params, loss_c, "critic", step)
+        if norm is not None:
+            accumulate(dict(stats_c, loss_c=loss_c, grad_norm_c=norm))
+        step += 1
+        meter.update(args.bs)
+        bar.update(1)
+
+        # Logs, metrics, samples, checkpoints.
+        if step % args.log_every == 0 or step == args.steps:
+            stats = dict(lr=args.lr * lr_scale, img_per_s=meter.rate(), epoch=sampler.epoch, skipped=guard.total)
+            stats.update({k: float(dist.all_mean(v / counts[k])) for k, v in sorted(sums.items())})
+            logger.log(step, stats)
+            if "loss_dm" in stats:
+                bar.set_postfix(dm=f"{stats['loss_dm']:.3g}", fake=f"{stats['loss_fake']:.3g}")
+            sums.clear()
+            counts.clear()
+        if dist.is_main() and args.eval_every and can_eval and (step % args.eval_every == 0 or step == args.steps):
+            log_metrics(step)
+        if dist.is_main() and (step % args.sample_every == 0 or step == args.steps):
+            images, _ = generate(sample_model(), parse_seeds(args.grid_seeds), teacher, device, sigmas, label_policy)
+            save_image_grid(images, run_dir / "samples" / f"{step:07d}.png")
+            plot_loss_curve(run_dir, keys=("loss_dm", "loss_fake"))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            check_ddp_consistency(model)
+            check_ddp_consistency(critic)
+            state = dict(sampler=sampler.state_dict(), guard=guard.state_dict())
+            save_checkpoint(run_dir, step, modules, optimizers, state, {"z0": z0_gen}, keep=args.keep)
+    bar.close()
+    logger.close()
+    dist.print0(f"Done: {step} steps in {run_dir}")
+    dist.cleanup()
+
+
+#################################################################################
+#                                Command line                                   #
+#################################################################################
+
+
+def float_list(s: str) -> list[float]:
+    try:
+        return [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=dmd.METHODS, required=True)
+    p.add_argument("--data", type=Path, required=True, help="pair folder (data_gen/generate.py output)")
+    p.add_argument("--teacher", default=None, help="real score (load_teacher spec); default: the pairs' teacher")
+    p.add_argument("--generator", type=Path, default=None, help="GET checkpoint to start from (train_get.py output), "
+                   "e.g. runs/.../checkpoints/0800000")
+    p.add_argument("--generator-ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from the checkpoint's EMA weights (--no-generator-ema: its raw weights)")
+    p.add_argument("--model", choices=list(GET_models), default=None, help="start from scratch with this config")
+    p.add_argument("--outdir", type=Path, default=None, help="run folder (default runs/<method>-<data folder name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--backend", choices=["torch", "triton"], default=None, help="kernels (default: triton on CUDA)")
+    # Optimisation (DMD's CIFAR-10 AdamW settings).
+    p.add_argument("--bs", type=int, default=392, help="global batch size (DMD CIFAR-10: 56 x 7 GPUs)")
+    p.add_argument("--steps", type=int, default=100_000, help="iterations (critic updates; G every --ttur-th)")
+    p.add_argument("--lr", type=float, default=5e-5, help="generator learning rate")
+    p.add_argument("--fake-lr", type=float, default=None, help="fake score / head learning rate (default --lr)")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
+    p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--clip-grad", type=float, default=10.0, help="gradient-norm clipping of both updates (0: off)")
+    p.add_argument("--ema", type=float, default=0.0, help="generator EMA decay per update (0: none, as DMD2)")
+    # The methods.
+    p.add_argument("--ttur", type=int, default=None, help="critic updates per generator update (DMD 1, DMD2 5)")
+    p.add_argument("--reg-loss", choices=("auto",) + LOSSES, default="auto",
+                   help="DMD's regression loss (auto: LPIPS when its weights are present, else L1)")
+    p.add_argument("--reg-weight", type=float, default=0.25, help="DMD's regression weight lambda_reg")
+    p.add_argument("--gen-gan-weight", type=float, default=3e-3, help="DMD2's generator GAN weight")
+    p.add_argument("--critic-gan-weight", type=float, default=1e-2, help="DMD2's discriminator GAN weight")
+    p.add_argument("--fake-score", choices=dmd.FAKE_KINDS, default="auto",
+                   help="fake score: a copy of the EDM teacher network; the teacher plus a small zero-started DDPM++ "
+                        "correction (residual); a small DDPM++ network alone (scratch); auto: copy for EDM teachers, "
+                        "scratch for the analytic teacher")
+    p.add_argument("--fake-warmup", type=int, default=None, help="critic-only iterations first (default: 0 for a "
+                   "copy of the teacher, 1000 for a small network)")
+    p.add_argument("--fake-channels", type=int, default=32, help="base width of the small fake-score network")
+    p.add_argument("--init-fake", type=Path, default=None, help="start the fake score (and DMD2's head) from this "
+                   "train_dmd.py checkpoint's weights, e.g. a warm-up-only run (--fake-warmup = --steps)")
+    p.add_argument("--gen-sigmas", type=float_list, default=[80.0],
+                   help="generator noise levels, descending (one value: a one-step generator)")
+    p.add_argument("--backward-simulation", action="store_true", help="train multi-step generators on their rollout")
+    # Outputs.
+    p.add_argument("--eval-every", type=int, default=5000, help="metrics every this many iterations (0: never)")
+    p.add_argument("--eval-seeds", default="1000000-1009999", help="seeds of the evaluation samples (EDM syntax)")
+    p.add_argument("--eval-ref", type=int, default=10_000, help="exact reference samples of the analytic teacher")
+    p.add_argument("--fid-ref", type=Path, default=None, help="FID reference statistics (.npz with mu, sigma)")
+    p.add_argument("--fid-mode", choices=["clean", "legacy_tensorflow"], default="clean")
+    add_common_arguments(p, sample_every=5000, ckpt_every=5000)
+    args = p.parse_args(argv)
+    if (args.generator is None) == (args.model is None):
+        p.error("give exactly one of --generator CKPT (start from a distilled GET) and --model NAME (from scratch)")
+    check_common_arguments(p, args)
+    if args.eval_every < 0 or (args.fake_warmup is not None and args.fake_warmup < 0):
+        p.error("--eval-every and --fake-warmup must be >= 0")
+    try:
+        dmd.DMDSettings(args.method, ttur=args.ttur, gen_sigmas=tuple(args.gen_sigmas),
+                        backward_simulation=args.backward_simulation, reg_weight=args.reg_weight,
+                        gen_gan_weight=args.gen_gan_weight, critic_gan_weight=args.critic_gan_weight)
+    except ValueError as e:
+        p.error(str(e))
+    if args.outdir is None:
+        args.outdir = Path("runs") / f"{args.method}-{args.data.resolve().name}"
+    return args
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    dist.launch(main, cli.nproc, cli)
