@@ -14,7 +14,7 @@ import torch
 from get import dist
 
 WORKER = textwrap.dedent("""
-    import argparse, json
+    import argparse, json, pathlib
     import torch
     from get import dist
 
@@ -29,7 +29,8 @@ WORKER = textwrap.dedent("""
             "from_last": dist.broadcast_object(f"hello from {rank}", src=world - 1),
         }
         dist.barrier()
-        print("RESULT " + json.dumps(out), flush=True)
+        # One file per rank: lines two processes print to one pipe can interleave.
+        (pathlib.Path(__file__).parent / f"result-{rank}.json").write_text(json.dumps(out))
         dist.cleanup()
         return rank + 100
 
@@ -72,8 +73,7 @@ def test_spawned_workers(tmp_path):
     script.write_text(WORKER)
     proc = subprocess.run([sys.executable, str(script), "--nproc", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
-                     key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
     assert [r["local"] for r in results] == [[0, 2], [1, 2]] and all(r["device"] == "cpu" for r in results)
     for r in results:
