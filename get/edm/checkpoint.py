@@ -30,11 +30,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from get.edm.networks import NETWORKS
 from get.edm.precond import PRECONDITIONERS
+from get.io import save_safetensors, write_json
 
 __all__ = [
     "OFFICIAL_CHECKPOINTS", "cache_dir", "resolve_checkpoint", "download", "UnsafePickleError", "EDMRecord",
@@ -423,28 +424,16 @@ def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None
 _FORMAT = "get-teacher"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_teacher(teacher, directory: str | Path) -> Path:
     """Writes ``model.safetensors`` (the state dict) and ``config.json`` (class, constructor keywords, name, hashes)
     into ``directory`` atomically; ``load_teacher(directory)`` rebuilds the teacher without any pickle."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     identity = teacher.identity()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in teacher.state_dict().items()}
     config = {"format": _FORMAT, "version": 1, "name": identity["name"], **identity["config"],
               "sha256": identity["sha256"], "source": getattr(teacher, "source", None)}
-    _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    save_safetensors(directory / "model.safetensors", teacher.state_dict())
+    write_json(directory / "config.json", config)
     return directory
 
 
