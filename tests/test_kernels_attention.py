@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import DEVICE, DTYPES, gpu_only
 
 from kernels import get_ops, reference, utils
 from kernels.attention import HEAD_DIMS, AttentionFunction, attention, attention_bwd, attention_fwd
 from kernels.testing import assert_matches_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    with utils.poison_outputs():
-        yield
+# Every output buffer a kernel allocates starts as NaN, so an unwritten tile fails (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 def run_attention(fn, qkv, do):

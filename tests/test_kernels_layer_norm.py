@@ -2,20 +2,14 @@
 
 import pytest
 import torch
+from kernel_cases import DEVICE, DTYPES, gpu_only
 
 from kernels import get_ops, reference, utils
 from kernels.layer_norm import MAX_DIM, LayerNormFunction, layer_norm
 from kernels.testing import assert_matches_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    with utils.poison_outputs():
-        yield
+# Every output buffer a kernel allocates starts as NaN, so an unwritten tile fails (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
 
 
 def make_inputs(shape, dtype, residual):
