@@ -41,20 +41,26 @@ def run_generate(outdir: Path, *args: str) -> float:
     return float(match.group(1))
 
 
-def cifar10_random_teacher(directory: Path) -> str:
-    """The EDM CIFAR-10 DDPM++ network (EDM.md 2.5, uncond) with random weights, saved as a converted teacher.
+def random_cifar10_network(**overrides) -> EDMPrecond:
+    """The EDM CIFAR-10 DDPM++ network (uncond, VP config) with random weights; keywords override the architecture.
 
     Every parameter is redrawn (the official init zeroes some output layers, which would hide precision errors)."""
-    net = EDMPrecond(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", augment_dim=9,
-                     model_channels=128, channel_mult=[2, 2, 2], dropout=0.13, embedding_type="positional",
-                     channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1],
-                     name="edm-cifar10-32x32-uncond-vp-random")
+    kwargs = dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", augment_dim=9,
+                  model_channels=128, channel_mult=[2, 2, 2], dropout=0.13, embedding_type="positional",
+                  channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1],
+                  name="edm-cifar10-32x32-uncond-vp-random")
+    net = EDMPrecond(**{**kwargs, **overrides})
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in net.parameters():
             fan_in = p[0].numel() if p.ndim > 1 else 1
             p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5 * (1.0 if p.ndim > 1 else 0.1))
-    save_teacher(net, directory)
+    return net
+
+
+def cifar10_random_teacher(directory: Path) -> str:
+    """`random_cifar10_network()` saved as a converted teacher; returns its folder."""
+    save_teacher(random_cifar10_network(), directory)
     return str(directory)
 
 

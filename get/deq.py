@@ -33,7 +33,8 @@ DEQ_DEFAULTS = dict(
     tau=1.0,  # damping of the tracked steps: tau * f(z) + (1 - tau) * z
     ift=False,  # implicit differentiation instead of the last phantom-gradient step
     mem=False,  # gradient checkpointing of each equilibrium block
-    sync_free=True,  # evaluation without the host-synchronising early exit (identical unless it would fire)
+    sync_free=True,  # no host synchronisation: evaluation without the early exit (identical unless it would fire),
+    # training without torchdeq's bookkeeping when f_max_iter = 0 (identical)
 )
 
 
@@ -140,6 +141,24 @@ def fixed_point_iter_sync_free(
     return z_star, info
 
 
+def phantom_trajectory(
+    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, steps: int, tau: float = 1.0
+) -> list[torch.Tensor]:
+    """The paper's training path without a solver: ``steps`` gradient-tracked steps z_k = tau·f(z_{k−1}) +
+    (1 − tau)·z_{k−1} from the detached z_0, every state returned.
+
+    This is what torchdeq's phantom gradient computes when no gradient-free iterations come first
+    (``f_max_iter = 0``), but without torchdeq's solver bookkeeping, which copies host values to the device on every
+    call and so cannot be captured in a CUDA graph.
+    """
+    z = z0.detach()
+    states = []
+    for _ in range(steps):
+        z = f(z) if tau == 1.0 else tau * f(z) + (1 - tau) * z
+        states.append(z)
+    return states
+
+
 class EquilibriumSolver:
     """Solves z* = f(z*) for GET through torchdeq, with the paper's settings as defaults.
 
@@ -188,8 +207,12 @@ class EquilibriumSolver:
             state carries the implicit gradient); info: ``abs_trace`` (B, len(states)), the step residuals
             ‖z_k − z_{k−1}‖ of the returned states.
         """
-        self._deq_train.train()
-        states, _ = self._deq_train(f, z0)
+        o = self.options
+        if o["sync_free"] and o["f_max_iter"] == 0 and not o["ift"]:
+            states = phantom_trajectory(f, z0, o["grad"], o["tau"])
+        else:
+            self._deq_train.train()
+            states, _ = self._deq_train(f, z0)
         prev = [z0.detach()] + [s.detach() for s in states[:-1]]
         with torch.no_grad():
             abs_trace = torch.stack([_residuals(s.float(), p.float())[0] for s, p in zip(states, prev)], dim=1)

@@ -82,6 +82,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)  # torch.compile passes Python floats as fp64 scalars
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     n_full = (N // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
@@ -201,6 +202,7 @@ def _attn_bwd_kernel(
     dqkv = DQKV + b * stride_gb + h * stride_gh
     LSE += pid_bh * N
     Delta += pid_bh * N
+    sm_scale = tl.cast(sm_scale, tl.float32)  # torch.compile passes Python floats as fp64 scalars
     qk_scale = sm_scale * 1.4426950408889634
     offs_d = tl.arange(0, HEAD_DIM)
     offs_major = pid_blk * BLOCK_MAJOR + tl.arange(0, BLOCK_MAJOR)

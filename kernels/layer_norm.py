@@ -54,7 +54,7 @@ def _layer_norm_fwd_kernel(
         x = s.to(tl.float32)
     mean = tl.sum(x, 1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, 1) / D + eps)
+    rstd = tl.math.rsqrt(tl.sum(xc * xc, 1) / D + tl.cast(eps, tl.float32))  # torch.compile passes floats as fp64
     w = tl.load(W + cols, mask=mask_d, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask_d, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]

@@ -117,10 +117,20 @@ def pow2_at_least(n: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot` input precision for fp32 operands: TF32 where torch allows it for matmuls, else exact IEEE fp32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored for 16-bit operands
+    """`tl.dot` input precision for fp32 operands: TF32 where torch allows it for CUDA matmuls, else exact IEEE fp32.
+
+    Read through torch's newer per-backend setting where it exists: once a program has mixed the legacy switches
+    (`allow_tf32`, `set_float32_matmul_precision`) with the new ones, torch refuses to answer through the legacy
+    getters, while `matmul.fp32_precision` always answers ('none' = inherit the global `torch.backends` setting).
+    """
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    mode = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if mode is None:  # torch without the per-backend setting
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if mode == "none":
+        mode = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if mode == "tf32" else "ieee"
 
 
 def row_block(block_d: int, max_elements: int = 4096, max_rows: int = 16) -> int:

@@ -29,14 +29,14 @@ def run_attention(fn, qkv, do):
     return o, qkv.grad
 
 
-def check_against_float64(qkv, do=None):
+def check_against_float64(qkv, do=None, atol=1e-6):
     """Forward and dq, dk, dv of the Triton op vs float64, judged against torch in qkv's precision."""
     ours = run_attention(attention, qkv, do)
     torch_same = run_attention(reference.attention, qkv, do)
     ref64 = run_attention(reference.attention, qkv.double(), None if do is None else do.double())
-    assert_matches_reference("o", ours[0], torch_same[0], ref64[0])
+    assert_matches_reference("o", ours[0], torch_same[0], ref64[0], atol=atol)
     for i, name in enumerate(("dq", "dk", "dv")):
-        assert_matches_reference(name, ours[1][:, :, i], torch_same[1][:, :, i], ref64[1][:, :, i])
+        assert_matches_reference(name, ours[1][:, :, i], torch_same[1][:, :, i], ref64[1][:, :, i], atol=atol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,11 +58,13 @@ def test_strided_qkv_and_stride0_gradient():
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_very_negative_scores_with_padded_tiles():
     # Every score is about -96, so exp(-lse) overflows fp32: padded keys (k = 0) must be masked, not multiplied by 0.
+    # Forming a score s ~ -96 in fp32 already costs a relative error of about |s|·2^-23 in P = exp(s - lse); the
+    # floor allows twice that (the GPU's SDPA happened to land 3.6x below it on dK, the CPU's at our level).
     B, N, H, d = 1, 100, 1, 128
     q = torch.full((B, N, H, d), -8.5, device=DEVICE)
     k = 1 + 0.1 * torch.randn(B, N, H, d, device=DEVICE)
     v = torch.randn(B, N, H, d, device=DEVICE)
-    check_against_float64(torch.stack([q, k, v], dim=2), torch.randn(B, N, H * d, device=DEVICE))
+    check_against_float64(torch.stack([q, k, v], dim=2), torch.randn(B, N, H * d, device=DEVICE), atol=2 * 96 * 2**-23)
 
 
 def test_log_sum_exp_and_scale():

@@ -235,6 +235,25 @@ def test_sync_free_solver_equals_torchdeq_solver():
     torch.testing.assert_close(ia["abs_trace"], ib["abs_trace"][:, 1:])  # torchdeq's trace starts with 1e8
 
 
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_sync_free_trajectory_equals_torchdeq_phantom_gradient(tau):
+    model = _tiny(deq=dict(tau=tau))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    torchdeq_model = _tiny(deq=dict(tau=tau, sync_free=False))
+    torchdeq_model.load_state_dict(model.state_dict())
+    x, target = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    grads = []
+    for m in (model, torchdeq_model):
+        states, info = m.trajectory(x, generator=torch.Generator().manual_seed(1), return_info=True)
+        assert len(states) == 6
+        sum((s - target).abs().mean() * 0.8 ** (5 - k) for k, s in enumerate(states)).backward()
+        grads.append(([s.detach() for s in states], info["abs_trace"], [p.grad for p in m.parameters()
+                                                                         if p.grad is not None]))
+    (states_a, trace_a, grad_a), (states_b, trace_b, grad_b) = grads
+    for a, b in zip(states_a + [trace_a] + grad_a, states_b + [trace_b] + grad_b):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])
 def test_other_solvers_reach_the_fixed_point(solver):
     model = _tiny(deq=dict(f_solver=solver, eval_f_max_iter=20)).eval()
