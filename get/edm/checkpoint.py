@@ -253,9 +253,10 @@ def _load_storage_from_bytes(data):
         raise UnsafePickleError(f"storage blob must be bytes, got {type(data).__name__}")
     f = io.BytesIO(data)
     try:
-        magic, version, sys_info = (_BlobUnpickler(f).load() for _ in range(3))
-        if magic != _LEGACY_MAGIC or version != 1001:
-            raise UnsafePickleError("not a legacy torch.save blob (magic number or version)")
+        for expected in (_LEGACY_MAGIC, 1001):  # magic number, format version
+            if _BlobUnpickler(f).load() != expected:
+                raise UnsafePickleError("not a legacy torch.save blob (magic number or version)")
+        sys_info = _BlobUnpickler(f).load()
         if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
             raise UnsafePickleError("system info missing or not little-endian")
         main = _BlobUnpickler(f)
