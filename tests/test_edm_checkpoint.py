@@ -10,6 +10,7 @@ import collections
 import contextlib
 import hashlib
 import io
+import json
 import pickle
 import struct
 import sys
@@ -34,7 +35,7 @@ from get.edm import (
     save_teacher,
 )
 from get.edm.checkpoint import KNOWN_CLASSES
-from get.teachers import load_teacher
+from get.teachers import MixtureTeacher, load_teacher
 
 TINY = {
     "ddpmpp-cond": (EDMPrecond, dict(img_resolution=16, img_channels=3, label_dim=4, model_type="SongUNet",
@@ -561,3 +562,48 @@ def test_protocol_2_snapshot(tmp_path):
             read_edm_pickle(io.BytesIO(_call_global_proto0(module, name, "x")))
     with pytest.raises(UnsafePickleError, match="only as encode"):
         read_edm_pickle(io.BytesIO(b"c_codecs\nencode\n(Vx\nVrot13\ntR."))
+
+
+def _rewrite_config(folder, edit, rehash=True):
+    """Edits config.json; with ``rehash`` also recomputes config_sha256 as a forger would (it is no signature)."""
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    if rehash:
+        body = {k: v for k, v in config.items() if k != "config_sha256"}
+        config["config_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_converted_config_is_covered_by_its_hash(tmp_path):
+    folder = save_teacher(load_edm(write_snapshot(tmp_path / "snap.pkl", _tiny("ddpmpp-cond"))), tmp_path / "c")
+    _rewrite_config(folder, lambda c: c["kwargs"].update(sigma_data=0.7), rehash=False)  # same tensors
+    with pytest.raises(ValueError, match="config.json: config_sha256 does not match"):
+        load_converted(folder)
+    _rewrite_config(folder, lambda c: c.update(version=1))
+    with pytest.raises(ValueError, match="version 1, expected 2"):
+        load_converted(folder)
+
+
+def _set_kwargs(**changes):
+    return lambda config: config["kwargs"].update(changes)
+
+
+@pytest.mark.parametrize("teacher,edit,match", [
+    ("ddpmpp-cond", _set_kwargs(num_blocks=10**6), "config.json: num_blocks must be an integer"),
+    ("iddpm", _set_kwargs(M=10**9), "config.json: M must be an integer"),
+    ("ddpmpp-cond", _set_kwargs(model_channels=64), "weights do not match"),
+    ("mixture", _set_kwargs(resolution=1024, num_components=10_000), r"needs means of shape \(10000, 2097152\)"),
+    ("mixture", _set_kwargs(rank=1000), r"needs factors of shape \(3, 32, 1000\)"),
+    ("mixture", _set_kwargs(resolution=10**6), "resolution must be an integer"),
+    ("mixture", _set_kwargs(max_frequency=10**4), "max_frequency must be an integer"),
+], ids=["num_blocks", "iddpm-M", "channels", "mixture-size", "mixture-rank", "mixture-resolution",
+        "mixture-frequency"])
+def test_converted_config_sizes_are_checked_before_building(tmp_path, fails_fast, teacher, edit, match):
+    if teacher == "mixture":
+        net = MixtureTeacher(resolution=4, channels=2, num_components=3, rank=2, seed=1)
+    else:
+        net = load_edm(write_snapshot(tmp_path / "snap.pkl", _tiny(teacher)))
+    folder = save_teacher(net, tmp_path / "c")
+    _rewrite_config(folder, edit)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match):
+        load_converted(folder)
