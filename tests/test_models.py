@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from get.deq import validate_deq_options
 from get.models import GET, GET_models, NonFiniteError, count_parameters, create_model, sincos_pos_embed
@@ -153,8 +154,53 @@ def test_explicit_z0_matches_generator_draw():
     model = _tiny()
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
     x = torch.randn(2, 3, 8, 8)
-    z0 = torch.randn((2, 16, 64), generator=torch.Generator().manual_seed(3))
+    # (B, N, D) drawn on the official (B, D, N) memory layout (see test_seeded_z0_reproduces_the_official_draw)
+    z0 = torch.empty(2, 64, 16).transpose(1, 2).normal_(generator=torch.Generator().manual_seed(3))
     assert torch.equal(model(x, z0=z0), model(x, generator=torch.Generator().manual_seed(3)))
+
+
+def _official_injt_output(model, noise, labels):
+    """locuslab/get models/get.py GET.forward up to ``z = torch.randn_like(x)``, in plain torch ops on our weights:
+    timm PatchEmbed (conv, flatten(2).transpose(1, 2)) + pos_embed, then the InjT blocks
+    x = x + attn(norm1(x), c); x = x + mlp(norm2(x)) with the class embedding added to the fused qkv."""
+    w, b = model.x_embedder.proj.weight, model.x_embedder.proj.bias
+    x = F.conv2d(noise, w, b, stride=model.patch_size).flatten(2).transpose(1, 2) + model.pos_embed
+    B, N, D = x.shape
+    H = model.num_heads
+    c = model.y_embedder.embedding_table(labels).view(B, 1, 3 * D)
+    for blk in model.blocks:
+        h = F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        qkv = (F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias) + c).reshape(B, N, 3, H, D // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        x = x + F.linear(a, blk.attn.proj.weight, blk.attn.proj.bias)
+        h = F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+        h = F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        x = x + F.linear(h, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+    return x
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_seeded_z0_reproduces_the_official_draw(device):
+    model = GET_models["GET-XXS/2"](input_size=8, num_classes=3, depth=2).to(device)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([2, 0], device=device)
+    with torch.no_grad():
+        x_official = _official_injt_output(model, x, y)
+        h, ops, c = model.embed(x), model._ops(x.device), model.y_embedder(y)
+        for blk in model.blocks:
+            h = blk(h, ops, c)
+        torch.testing.assert_close(x_official, h, atol=1e-5, rtol=1e-5)  # the reference computes the same InjT
+    assert not x_official.is_contiguous()  # the layout the official draw sees
+    torch.manual_seed(11)
+    ours = model(x, y)
+    torch.manual_seed(11)
+    z_official = torch.randn_like(x_official)
+    assert torch.equal(ours, model(x, y, z0=z_official))
+    if device == "cpu":  # a contiguous draw of the same seed differs: the bug this test guards against
+        torch.manual_seed(11)
+        assert not torch.allclose(torch.randn(z_official.shape), z_official)
 
 
 def test_gradients_reach_every_trainable_parameter():
