@@ -1,7 +1,9 @@
 """GET model: official parameter counts and key layout, shapes, determinism, gradients, solver, files, errors."""
 
 import argparse
+import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -375,6 +377,123 @@ def test_malicious_pth_is_refused(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         GET.from_pretrained(tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+def _official_file(path, model, args=None, edit=None, **save_kwargs):
+    """An official-layout trainer file of ``model``'s weights; ``edit`` changes the 'ema' entry."""
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ema if edit is None else edit(ema)
+    torch.save({"args": args, "model": dict(ema) if isinstance(ema, dict) else ema, "ema": ema, "opt": {}}, path,
+               **save_kwargs)
+    return path
+
+
+def test_official_heads_come_from_args_model(tmp_path):
+    xxs = GET_models["GET-XXS/2"](input_size=8)  # D = 64, 2 heads
+    path = _official_file(tmp_path / "a.pth", xxs, argparse.Namespace(model="GET-XXS/2", input_size=8))
+    assert GET.from_pretrained(path).num_heads == 2  # was D // 64 = 1
+    assert GET.from_pretrained(_official_file(tmp_path / "b.pth", xxs)).num_heads == 1  # no name: D / 64
+    with pytest.raises(ValueError, match="args.model='GET-B/2' has hidden_size 768"):
+        GET.from_pretrained(_official_file(tmp_path / "c.pth", xxs, argparse.Namespace(model="GET-B/2")))
+    with pytest.raises(ValueError, match="args.model='GET-Z/2' is not a registered GET config"):
+        GET.from_pretrained(_official_file(tmp_path / "d.pth", xxs, argparse.Namespace(model="GET-Z/2")))
+    odd = GET(input_size=8, hidden_size=96, num_heads=2, depth=1, deq_mlp_ratio=2)
+    path = _official_file(tmp_path / "e.pth", odd)
+    with pytest.raises(ValueError, match="cannot infer num_heads: no args.model and hidden size 96"):
+        GET.from_pretrained(path)
+    assert GET.from_pretrained(path, num_heads=2).num_heads == 2
+    small = GET(input_size=8, hidden_size=48, num_heads=1, depth=1, deq_mlp_ratio=2)
+    with pytest.raises(ValueError, match="hidden size 48 is not a multiple of 64"):  # was a ZeroDivisionError
+        GET.from_pretrained(_official_file(tmp_path / "f.pth", small))
+
+
+def _set(key, value):
+    def edit(sd):
+        sd[key] = value
+        return sd
+    return edit
+
+
+def _drop(key):
+    def edit(sd):
+        del sd[key]
+        return sd
+    return edit
+
+
+def _weight_norm(keep):
+    def edit(sd):
+        w = sd.pop("deq_blocks.0.attn.qkv.weight")
+        sd["deq_blocks.0.attn.qkv.weight_" + keep] = torch.ones(w.shape[0], 1) if keep == "g" else w
+        return sd
+    return edit
+
+
+def _views_of_one_storage(sd):
+    """Every weight a view of one storage as large as the largest: valid views, together 5x the file."""
+    shared = torch.zeros(max(v.numel() for v in sd.values()))
+    return {k: shared[:v.numel()].view(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: list(sd.values()), r"ckpt\['ema'\] is a list, not a state dict"),
+    (_set(3, torch.zeros(1)), r"ckpt\['ema'\] has a key of type int"),
+    (_set("pos_embed", "sincos"), r"ckpt\['ema'\]\['pos_embed'\] is a str, not a tensor"),
+    (_weight_norm("v"), "weight_v without deq_blocks.0.attn.qkv.weight_g"),
+    (_weight_norm("g"), "weight_g without deq_blocks.0.attn.qkv.weight_v"),
+    (_drop("pos_embed"), "missing key 'pos_embed'"),
+    (_set("pos_embed", torch.zeros(1, 15, 64)), r"pos_embed \(1, 15, 64\) is not \(1, grid², D\)"),
+    (_set("pos_embed", torch.zeros(1).expand(1, 16, 64)), "overlap"),  # a 4-byte storage as 1024 elements
+    (_set("pos_embed", torch.zeros(1).expand(1, 50_000, 50_000)), "overlap"),  # claims 10 GB
+    (_views_of_one_storage, "more than the"),
+], ids=["ema-list", "int-key", "str-pos-embed", "weight_v-alone", "weight_g-alone", "missing", "pos-shape",
+        "zero-stride", "zero-stride-10GB", "shared-storage"])
+def test_malformed_official_files_give_clear_errors(tmp_path, fails_fast, edit, match):
+    path = _official_file(tmp_path / "bad.pth", _tiny(), argparse.Namespace(input_size=8), edit=edit)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises((ValueError, KeyError), match=match) as info:
+        GET.from_pretrained(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("args,match", [
+    (argparse.Namespace(input_size=1024), "args.input_size=1024 but pos_embed and the patch size give 8"),
+    (argparse.Namespace(input_size=10**9), r"args.input_size must be an integer in \[1, 1024\]"),
+    (argparse.Namespace(input_size="8"), "args.input_size must be an integer"),
+    ([1, 2], "ckpt\\['args'\\] is a list"),
+], ids=["1024", "huge", "str", "list"])
+def test_official_args_are_checked_against_the_weights(tmp_path, fails_fast, args, match):
+    path = _official_file(tmp_path / "a.pth", _tiny(), args)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match):
+        GET.from_pretrained(path)
+
+
+def test_legacy_and_compressed_pth_files_are_refused(tmp_path):
+    path = _official_file(tmp_path / "legacy.pth", _tiny(), _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="not a zip-format torch.save file"):
+        GET.from_pretrained(path)
+    good = _official_file(tmp_path / "good.pth", _tiny())
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(ValueError, match="is compressed or reaches past the file's end"):
+        GET.from_pretrained(tmp_path / "deflated.pth")
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(input_size=1024), "input_size=1024 \\(weights: 8\\)"),
+    (dict(hidden_size=8192, num_heads=128), "hidden_size=8192 \\(weights: 64\\)"),
+    (dict(depth=10**6), r"depth must be an integer in \[0, 256\]"),
+    (dict(deq_mlp_ratio=64.0), r"deq_mlp_ratio=64.0 \(weights: width 128 for D=64\)"),
+    (dict(num_classes=10**5), "num_classes=100000 \\(weights: 0\\)"),
+    (dict(evil=1), r"unknown GET argument\(s\) \['evil'\]"),
+], ids=["input_size", "hidden_size", "depth", "deq_mlp_ratio", "num_classes", "unknown"])
+def test_our_config_is_checked_against_the_weights_before_building(tmp_path, fails_fast, change, match):
+    _tiny().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match) as info:
+        GET.from_pretrained(tmp_path)
+    assert "config.json" in str(info.value)
 
 
 def test_clear_errors():
