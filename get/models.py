@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from timm.layers import PatchEmbed
 import kernels
 from get.deq import EquilibriumSolver, validate_deq_options
 from get.io import read_json, save_safetensors, write_json
-from get.safety import check_int, check_number, tensor_layout_error, total_bytes_error
+from get.safety import check_int, check_number, check_torch_zip, tensor_layout_error, total_bytes_error
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -618,25 +617,12 @@ def config_from_official_state_dict(state_dict: dict, args: dict | None = None, 
     )
 
 
-def _check_zip(path: Path) -> None:
-    """``torch.save``'s zip format with stored entries inside the file, checked before torch reads any size from it;
-    the legacy format is refused because its loader allocates the storage sizes it reads before checking them."""
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a zip-format torch.save file (legacy .pth files are not supported)")
-    size = path.stat().st_size
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if (info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size
-                    or info.header_offset + info.file_size > size):
-                raise ValueError(f"{path}: zip entry {info.filename!r} is compressed or reaches past the file's end")
-
-
 def _read_official_checkpoint(path: Path, ema: bool, map_location, num_heads: int | None = None):
     """Reads an official trainer .pth safely: weights_only, with argparse.Namespace as the only allowed class, every
     tensor checked against its storage and every entry's type checked before use."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    _check_zip(path)
+    check_torch_zip(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)

@@ -7,6 +7,8 @@ message that the caller prefixes with the file and key.
 from __future__ import annotations
 
 import math
+import zipfile
+from pathlib import Path
 
 import torch
 
@@ -69,3 +71,16 @@ def check_number(value, name: str, where: str, allow_inf: bool = False) -> float
     if not ok or (math.isinf(value) and not allow_inf):
         raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
     return value
+
+
+def check_torch_zip(path: Path) -> None:
+    """Before ``torch.load(path, weights_only=True)``: the zip format of ``torch.save`` with stored entries inside the
+    file. The legacy format is refused: its loader allocates the storage sizes it reads before checking them."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a zip-format torch.save file (legacy .pth files are not supported)")
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if (info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size
+                    or info.header_offset + info.file_size > size):
+                raise ValueError(f"{path}: zip entry {info.filename!r} is compressed or reaches past the file's end")
