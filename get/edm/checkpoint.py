@@ -6,11 +6,12 @@ file there yourself.
 
 Safety. The official ``.pkl`` files are snapshots of ``torch_utils.persistence``: every network object carries the
 full Python source of its defining module, which EDM's own loader ``exec``s. :func:`read_edm_pickle` never does: it
-unpickles with an exact allowlist of globals (spec/EDM.md §8), turns every persistent object into an inert
-:class:`EDMRecord` (the embedded source is only hashed), reads the nested storage blobs with
-``torch.load(weights_only=True)``, and refuses anything else with :class:`UnsafePickleError` naming the global,
-before importing or calling it. :func:`load_edm` then builds *our* class from the recorded class name and
-constructor keywords (validated) and loads the weights strictly.
+unpickles with an exact allowlist of globals, turns every persistent object into an inert :class:`EDMRecord` (the
+embedded source is only hashed), parses the nested storage blobs itself (sizes checked against the bytes present
+before anything is allocated), rebuilds each tensor as a view checked to lie inside its storage without overlaps,
+and refuses anything else with :class:`UnsafePickleError` naming the global, before importing or calling it.
+:func:`load_edm` then builds *our* class from the recorded class name and constructor keywords (bounded, on the meta
+device) and loads the weights strictly. docs/LOADERS.md lists what every loader accepts and refuses.
 """
 
 from __future__ import annotations
