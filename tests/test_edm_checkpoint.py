@@ -607,3 +607,24 @@ def test_converted_config_sizes_are_checked_before_building(tmp_path, fails_fast
     _rewrite_config(folder, edit)
     with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match):
         load_converted(folder)
+
+
+def _hook_meta(edit):
+    def hook(obj, meta):
+        return edit(dict(meta, state=dict(meta["state"]))) if obj.__class__.__name__.endswith("Precond") else meta
+    return hook
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: dict(m, class_name=["EDMPrecond"]), "unknown class"),
+    (lambda m: {**m, 1: 2}, "exactly the fields"),
+    (lambda m: dict(m, state=dict(m["state"], _init_args=torch.zeros(2))), "positional _init_args"),
+    (lambda m: dict(m, state=dict(m["state"], _init_kwargs={1: 2})), "string keys"),
+    (lambda m: dict(m, state=dict(m["state"], _modules={1: None})), "_modules has a key of type int"),
+    (lambda m: dict(m, state=dict(m["state"], _non_persistent_buffers_set=[])), "_non_persistent_buffers_set"),
+], ids=["class-list", "int-field", "tensor-args", "int-kwarg", "int-module", "list-set"])
+def test_malformed_records_give_clear_errors(tmp_path, edit, match):
+    path = write_snapshot(tmp_path / "bad.pkl", _tiny("vp"), meta_hook=_hook_meta(edit))
+    with pytest.raises(UnsafePickleError, match=match) as info:
+        load_edm(path)
+    assert str(path) in str(info.value)

@@ -187,13 +187,13 @@ def _reconstruct_persistent_obj(meta):
     """Replacement for ``torch_utils.persistence._reconstruct_persistent_obj``: validates and records, never executes
     ``module_src``."""
     if not isinstance(meta, dict) or set(meta) != _META_FIELDS:
-        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        keys = sorted(map(repr, meta)) if isinstance(meta, dict) else type(meta).__name__
         raise UnsafePickleError(f"persistent object meta must have exactly the fields {sorted(_META_FIELDS)}, "
                                 f"got {keys}")
     if meta["type"] != "class" or meta["version"] != 6:
         raise UnsafePickleError(f"persistent object has type={meta['type']!r} version={meta['version']!r}; "
                                 f"expected 'class' and 6")
-    if meta["class_name"] not in KNOWN_CLASSES:
+    if not isinstance(meta["class_name"], str) or meta["class_name"] not in KNOWN_CLASSES:
         raise UnsafePickleError(f"persistent object of unknown class {meta['class_name']!r}; "
                                 f"known: {sorted(KNOWN_CLASSES)}")
     if not isinstance(meta["module_src"], str) or not isinstance(meta["state"], dict):
@@ -489,7 +489,8 @@ def build_from_record(record: EDMRecord, where: str = "<pickle>"):
         got = record.class_name if isinstance(record, EDMRecord) else type(record).__name__
         raise UnsafePickleError(f"top-level network is {got!r}; expected one of {sorted(PRECONDITIONERS)}")
     state = record.state
-    if tuple(state.get("_init_args", ())) != ():
+    init_args = state.get("_init_args", ())
+    if not isinstance(init_args, (tuple, list)) or init_args:
         raise UnsafePickleError(f"{record.class_name}: positional _init_args are not supported")
     init_kwargs = state.get("_init_kwargs")
     if not isinstance(init_kwargs, dict) or not all(isinstance(k, str) for k in init_kwargs):
@@ -557,8 +558,8 @@ def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None
         got = sorted(k for k in data if isinstance(k, str)) if isinstance(data, dict) else type(data).__name__
         raise UnsafePickleError(f"{path}: expected a snapshot dict with key {key!r}, got {got}")
     record = data[key]
-    net = build_from_record(record, str(path))
     try:
+        net = build_from_record(record, str(path))  # its ValueErrors name the file already
         tensors = state_dict_from_record(record)
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
