@@ -570,6 +570,8 @@ def _check_config(model_cls, config: dict, state_dict: dict, where: str) -> None
               if key in widths and int(D * full[widths[key]]) != value]
     if wrong:
         raise ValueError(f"{where}: the config does not match the weights: {', '.join(wrong)}")
+    if D % full["num_heads"]:
+        raise ValueError(f"{where}: num_heads={full['num_heads']} does not divide the hidden size {D}")
 
 
 def config_from_official_state_dict(state_dict: dict, args: dict | None = None, num_heads: int | None = None,

@@ -486,7 +486,8 @@ def test_legacy_and_compressed_pth_files_are_refused(tmp_path):
     (dict(deq_mlp_ratio=64.0), r"deq_mlp_ratio=64.0 \(weights: width 128 for D=64\)"),
     (dict(num_classes=10**5), "num_classes=100000 \\(weights: 0\\)"),
     (dict(evil=1), r"unknown GET argument\(s\) \['evil'\]"),
-], ids=["input_size", "hidden_size", "depth", "deq_mlp_ratio", "num_classes", "unknown"])
+    (dict(num_heads=3), "num_heads=3 does not divide the hidden size 64"),
+], ids=["input_size", "hidden_size", "depth", "deq_mlp_ratio", "num_classes", "unknown", "num_heads"])
 def test_our_config_is_checked_against_the_weights_before_building(tmp_path, fails_fast, change, match):
     _tiny().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
