@@ -17,6 +17,7 @@ training states, instead of switching on ``model.training``; z_0 may be given or
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from timm.layers import PatchEmbed
 import kernels
 from get.deq import EquilibriumSolver, validate_deq_options
 from get.io import read_json, save_safetensors, write_json
+from get.safety import check_int, check_number, check_torch_zip, tensor_layout_error, total_bytes_error
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -266,14 +268,22 @@ class _PatchTransformer(nn.Module):
                 (``{'args', 'model', 'ema', 'opt'}``), read with ``torch.load(weights_only=True)``.
             ema: load the EMA weights when present (the official evaluation uses them).
             map_location: device for the loaded tensors.
-            **overrides: constructor keywords that do not change the weights (e.g. ``backend``, DEQ options).
+            **overrides: constructor keywords that do not change the weights (e.g. ``backend``, DEQ options,
+                ``num_heads`` for an official file without ``args.model`` whose D is not a multiple of 64).
+
+        Raises:
+            ValueError / KeyError: naming the file and key, when the file is malformed or its config (``args`` of an
+                official file, ``config.json`` of ours) disagrees with the tensor shapes; checked before building.
         """
         path = Path(path)
         if path.suffix in (".pth", ".pt"):
-            config, state_dict = _read_official_checkpoint(path, ema, map_location)
+            config, state_dict = _read_official_checkpoint(path, ema, map_location, overrides.get("num_heads"))
+            where = str(path)
         else:
             folder = path if path.is_dir() else path.parent
             config = read_json(folder / CONFIG_NAME)
+            if not isinstance(config, dict):
+                raise ValueError(f"{folder / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
             if path.is_dir():
                 weights = folder / (EMA_WEIGHTS_NAME if ema and (folder / EMA_WEIGHTS_NAME).is_file() else WEIGHTS_NAME)
             else:
@@ -281,13 +291,16 @@ class _PatchTransformer(nn.Module):
             if not weights.is_file():
                 raise FileNotFoundError(f"{weights}: weights file not found")
             state_dict = load_file(str(weights), device=str(map_location))
+            where = f"{folder / CONFIG_NAME} and {weights.name}"
         class_name = config.pop("class", cls.__name__)
         model_cls = {"GET": GET, "ViT": ViT}.get(class_name)
         if model_cls is None:
             raise ValueError(f"{path}: unknown model class {class_name!r} in the config")
         if cls not in (_PatchTransformer, model_cls):
             raise ValueError(f"{path} holds a {class_name}, not a {cls.__name__}")
-        model = model_cls(**{**config, **overrides})
+        config = {**config, **overrides}
+        _check_config(model_cls, config, state_dict, where)  # before building: sizes bounded and equal to the file's
+        model = model_cls(**config)
         model.load_state_dict(state_dict, strict=True)
         return model.to(map_location)
 
@@ -359,8 +372,13 @@ class GET(_PatchTransformer):
             x = block(x, ops, c)
         u = self.qkv_inj(x).chunk(self.deq_depth, dim=-1)  # deq_depth x (B, N, 3D): one injection per block
         if z0 is None:
-            # Drawn after the InjT, as the official randn_like(x), so a seeded global RNG matches it.
-            z0 = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # (B, N, D)
+            # Drawn after the InjT as the official randn_like(x), and on x's official layout: timm's PatchEmbed
+            # transposes the conv output, so x is (B, N, D) with strides (N·D, 1, N), and randn_like keeps them. The
+            # CPU generator fills a non-contiguous tensor with another algorithm than a contiguous one, so only the
+            # same layout gives the same z_0 for the same seed.
+            B, N, D = x.shape
+            z0 = torch.empty_strided((B, N, D), (N * D, 1, N), device=x.device, dtype=x.dtype)
+            z0 = z0.normal_(generator=generator).contiguous()  # (B, N, D)
         elif z0.shape != x.shape:
             raise ValueError(f"z0 must have shape {tuple(x.shape)}, got {tuple(z0.shape)}")
 
@@ -463,56 +481,150 @@ class ViT(_PatchTransformer):
 #################################################################################
 
 
-def _fold_weight_norm(state_dict: dict) -> dict:
+def _fold_weight_norm(state_dict: dict, where: str) -> dict:
     """torchdeq weight norm stores weight = g · v / ‖v‖ (norm over all dims but 0) as ``weight_g``/``weight_v``."""
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(".weight_g"):
-            continue
-        if key.endswith(".weight_v"):
-            stem = key[: -len(".weight_v")]
-            g = state_dict[stem + ".weight_g"]
-            v = value
-            norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
-            out[stem + ".weight"] = g.view_as(norm) * v / norm
+        if key.endswith((".weight_g", ".weight_v")):
+            stem = key[: -len(".weight_g")]
+            g, v = state_dict.get(stem + ".weight_g"), state_dict.get(stem + ".weight_v")
+            if g is None or v is None:
+                missing = stem + (".weight_g" if g is None else ".weight_v")
+                raise ValueError(f"{where}: {key} without {missing} (torchdeq weight norm stores both)")
+            if v.dim() < 1 or g.numel() != v.shape[0]:
+                raise ValueError(f"{where}: {stem}.weight_g {tuple(g.shape)} does not fit weight_v {tuple(v.shape)}")
+            if key.endswith(".weight_v"):
+                norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+                out[stem + ".weight"] = g.reshape(norm.shape) * v / norm
         else:
             out[key] = value
     return out
 
 
-def config_from_official_state_dict(state_dict: dict, args: dict | None = None) -> dict:
-    """Infers GET constructor arguments from an official state dict (GET.md §5.1), using ``args`` when present."""
-    args = args or {}
-    try:
-        pos = state_dict["pos_embed"]
-        patch_w = state_dict["x_embedder.proj.weight"]
-        fc1 = state_dict["deq_blocks.0.mlp.fc1.weight"]
-        inj_fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
-    except KeyError as e:
-        raise KeyError(f"not a GET state dict: missing key {e.args[0]!r}") from None
-    D, patch_size, in_channels = pos.shape[2], patch_w.shape[2], patch_w.shape[1]
-    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    deq_depth = len({k.split(".")[1] for k in state_dict if k.startswith("deq_blocks.")})
+# Bounds on GET sizes read from a file: generous beyond every official config; the sizes must also match the
+# tensors (see _check_config), so a small file cannot make the constructor allocate a large model.
+_INT_BOUNDS = {"input_size": (1, 1024), "patch_size": (1, 64), "in_channels": (1, 64), "hidden_size": (4, 8192),
+               "depth": (0, 256), "num_heads": (1, 1024), "deq_depth": (1, 64), "num_classes": (0, 100_000)}
+
+
+def _tensor(state_dict: dict, key: str, ndim: int, where: str) -> torch.Tensor:
+    t = state_dict.get(key)
+    if t is None:
+        raise KeyError(f"{where}: not a GET state dict: missing key {key!r}")
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{where}: {key} must be a {ndim}-d tensor, got {got}")
+    return t
+
+
+def _block_count(state_dict: dict, prefix: str, where: str) -> int:
+    indices = {k.split(".")[1] for k in state_dict if k.startswith(prefix + ".")}
+    if indices != {str(i) for i in range(len(indices))}:
+        raise ValueError(f"{where}: {prefix} indices must be 0..n-1, got {sorted(indices)[:8]}")
+    return len(indices)
+
+
+def _shape_config(state_dict: dict, where: str, deq: bool = True) -> dict:
+    """The sizes a GET (``deq``) or ViT state dict fixes: image and patch size, D, block counts, MLP widths, classes."""
+    pos = _tensor(state_dict, "pos_embed", 3, where)
+    patch_w = _tensor(state_dict, "x_embedder.proj.weight", 4, where)
+    _, N, D = pos.shape
+    grid = math.isqrt(N)
+    if pos.shape[0] != 1 or grid * grid != N or N == 0:
+        raise ValueError(f"{where}: pos_embed {tuple(pos.shape)} is not (1, grid², D)")
+    if patch_w.shape[0] != D or patch_w.shape[2] != patch_w.shape[3]:
+        raise ValueError(f"{where}: x_embedder.proj.weight {tuple(patch_w.shape)} is not (D={D}, C, p, p)")
     table = state_dict.get("y_embedder.embedding_table.weight")
-    grid = math.isqrt(pos.shape[1])
+    out = dict(input_size=grid * patch_w.shape[2], patch_size=patch_w.shape[2], in_channels=patch_w.shape[1],
+               hidden_size=D, depth=_block_count(state_dict, "blocks", where),
+               num_classes=0 if table is None else _tensor(state_dict, "y_embedder.embedding_table.weight", 2,
+                                                            where).shape[0])
+    if out["depth"]:
+        out["mlp_width"] = _tensor(state_dict, "blocks.0.mlp.fc1.weight", 2, where).shape[0]
+    if deq:
+        out["deq_depth"] = _block_count(state_dict, "deq_blocks", where)
+        out["deq_mlp_width"] = _tensor(state_dict, "deq_blocks.0.mlp.fc1.weight", 2, where).shape[0]
+    return out
+
+
+def _check_config(model_cls, config: dict, state_dict: dict, where: str) -> None:
+    """Constructor keywords from a file: known names, bounded sizes, and sizes equal to the tensors' shapes, checked
+    before the model is built."""
+    signature = inspect.signature(model_cls.__init__).parameters
+    unknown = sorted(set(config) - set(signature) - {"self"})
+    if unknown:
+        raise ValueError(f"{where}: unknown {model_cls.__name__} argument(s) {unknown}")
+    full = {k: p.default for k, p in signature.items() if k != "self"} | config
+    for key, bounds in _INT_BOUNDS.items():
+        if key in full:
+            check_int(full[key], key, *bounds, where)
+    for key in ("mlp_ratio", "deq_mlp_ratio"):
+        if key in full and not 0 < check_number(full[key], key, where) <= 64:
+            raise ValueError(f"{where}: {key} must be in (0, 64], got {full[key]!r}")
+    shapes = _shape_config(state_dict, where, deq=model_cls is GET)
+    D = shapes["hidden_size"]
+    widths = {"mlp_width": "mlp_ratio", "deq_mlp_width": "deq_mlp_ratio"}
+    wrong = [f"{key}={full[key]} (weights: {value})" for key, value in shapes.items()
+             if key not in widths and full[key] != value]
+    wrong += [f"{widths[key]}={full[widths[key]]} (weights: width {value} for D={D})" for key, value in shapes.items()
+              if key in widths and int(D * full[widths[key]]) != value]
+    if wrong:
+        raise ValueError(f"{where}: the config does not match the weights: {', '.join(wrong)}")
+    if D % full["num_heads"]:
+        raise ValueError(f"{where}: num_heads={full['num_heads']} does not divide the hidden size {D}")
+
+
+def config_from_official_state_dict(state_dict: dict, args: dict | None = None, num_heads: int | None = None,
+                                    where: str = "state dict") -> dict:
+    """Infers GET constructor arguments from an official state dict (GET.md §5.1) and its ``args``.
+
+    The number of heads is not in the shapes: it comes from ``num_heads``, else from the registered config named by
+    ``args['model']`` (e.g. 'GET-B/2'), else D / 64 (every official config) when D is a multiple of 64.
+    """
+    args = args or {}
+    shapes = _shape_config(state_dict, where)
+    D = shapes["hidden_size"]
+    name = args.get("model")
+    if num_heads is None and name is not None:
+        spec = getattr(GET_models.get(name) if isinstance(name, str) else None, "config", None)
+        if spec is None or "deq_mlp_ratio" not in spec:
+            raise ValueError(f"{where}: args.model={name!r} is not a registered GET config "
+                             f"({[k for k in GET_models if k.startswith('GET')]})")
+        if (spec["hidden_size"], spec["depth"]) != (D, shapes["depth"]):
+            raise ValueError(f"{where}: args.model={name!r} has hidden_size {spec['hidden_size']} and depth "
+                             f"{spec['depth']}, the weights {D} and {shapes['depth']}")
+        num_heads = spec["num_heads"]
+    elif num_heads is None:
+        if D % 64:
+            raise ValueError(f"{where}: cannot infer num_heads: no args.model and hidden size {D} is not a multiple "
+                             f"of 64 (pass num_heads=...)")
+        num_heads = D // 64  # head dim 64 in every official config
+    input_size = shapes["input_size"]
+    if "input_size" in args:
+        check_int(args["input_size"], "args.input_size", *_INT_BOUNDS["input_size"], where)
+        if args["input_size"] != input_size:
+            raise ValueError(f"{where}: args.input_size={args['input_size']} but pos_embed and the patch size give "
+                             f"{input_size}")
     return dict(
-        input_size=int(args.get("input_size", grid * patch_size)),
-        patch_size=patch_size,
-        in_channels=in_channels,
+        input_size=input_size,
+        patch_size=shapes["patch_size"],
+        in_channels=shapes["in_channels"],
         hidden_size=D,
-        depth=depth,
-        num_heads=D // 64,  # not recoverable from shapes; 64 for every official config
-        mlp_ratio=(inj_fc1.shape[0] / D) if inj_fc1 is not None else 4.0,
-        deq_depth=deq_depth,
-        deq_mlp_ratio=fc1.shape[0] / D,
-        num_classes=0 if table is None else table.shape[0],
+        depth=shapes["depth"],
+        num_heads=num_heads,
+        mlp_ratio=shapes["mlp_width"] / D if shapes["depth"] else 4.0,
+        deq_depth=shapes["deq_depth"],
+        deq_mlp_ratio=shapes["deq_mlp_width"] / D,
+        num_classes=shapes["num_classes"],
     )
 
 
-def _read_official_checkpoint(path: Path, ema: bool, map_location):
-    """Reads an official trainer .pth safely: weights_only, with argparse.Namespace as the only allowed class."""
+def _read_official_checkpoint(path: Path, ema: bool, map_location, num_heads: int | None = None):
+    """Reads an official trainer .pth safely: weights_only, with argparse.Namespace as the only allowed class, every
+    tensor checked against its storage and every entry's type checked before use."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    check_torch_zip(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -522,12 +634,25 @@ def _read_official_checkpoint(path: Path, ema: bool, map_location):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     key = "ema" if ema and "ema" in ckpt else "model"
     if key not in ckpt:
-        raise KeyError(f"{path}: no 'model' or 'ema' entry (keys: {sorted(ckpt)})")
-    state_dict = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
-    state_dict = _fold_weight_norm(state_dict)
+        raise KeyError(f"{path}: no 'model' or 'ema' entry (keys: {sorted(k for k in ckpt if isinstance(k, str))})")
+    raw = ckpt[key]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: ckpt[{key!r}] is a {type(raw).__name__}, not a state dict")
+    for name, value in raw.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: ckpt[{key!r}] has a key of type {type(name).__name__}, not str")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: ckpt[{key!r}][{name!r}] is a {type(value).__name__}, not a tensor")
+        if error := tensor_layout_error(value):
+            raise ValueError(f"{path}: ckpt[{key!r}][{name!r}]: {error}")
+    if error := total_bytes_error(raw.values(), path.stat().st_size):
+        raise ValueError(f"{path}: ckpt[{key!r}]: {error}")
+    state_dict = _fold_weight_norm({k.removeprefix("module."): v for k, v in raw.items()}, f"{path}: ckpt[{key!r}]")
     args = ckpt.get("args")
+    if not isinstance(args, (argparse.Namespace, dict, type(None))):
+        raise ValueError(f"{path}: ckpt['args'] is a {type(args).__name__}, not a Namespace")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    return config_from_official_state_dict(state_dict, args), state_dict
+    return config_from_official_state_dict(state_dict, args, num_heads, str(path)), state_dict
 
 
 #################################################################################
@@ -536,15 +661,22 @@ def _read_official_checkpoint(path: Path, ema: bool, map_location):
 
 
 def _get(hidden_size, num_heads, depth, deq_mlp_ratio):
+    config = dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth, deq_mlp_ratio=deq_mlp_ratio)
+
     def make(**kwargs):
-        return GET(**{**dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth,
-                             deq_mlp_ratio=deq_mlp_ratio), **kwargs})  # fmt: skip
+        return GET(**{**config, **kwargs})
+
+    make.config = config  # read by config_from_official_state_dict (args.model -> num_heads)
     return make
 
 
 def _vit(hidden_size, num_heads, depth):
+    config = dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth)
+
     def make(**kwargs):
-        return ViT(**{**dict(hidden_size=hidden_size, num_heads=num_heads, depth=depth), **kwargs})
+        return ViT(**{**config, **kwargs})
+
+    make.config = config
     return make
 
 

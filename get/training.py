@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 
 from get import dist
 from get.io import atomic_write_bytes, fsync_dir, read_json, save_safetensors, write_json
+from get.safety import check_torch_zip
 
 CHECKPOINT_FORMAT = "get-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -390,6 +391,7 @@ def load_checkpoint(
             raise CheckpointMismatchError(f"{file}: state dict does not match the {name!r} module (missing "
                                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
     if optimizers:
+        check_torch_zip(path / "optimizers.pt")
         saved_opt = torch.load(path / "optimizers.pt", map_location="cpu", weights_only=True)
         for name, opt in optimizers.items():
             if name not in saved_opt:
@@ -397,7 +399,9 @@ def load_checkpoint(
             opt.load_state_dict(saved_opt[name])
     meta["rng_restored"] = False
     if restore_rng and meta["world_size"] == dist.get_world_size():
-        rng = torch.load(path / f"rng-rank{dist.get_rank():03d}.pt", map_location="cpu", weights_only=True)
+        rng_file = path / f"rng-rank{dist.get_rank():03d}.pt"
+        check_torch_zip(rng_file)
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
         set_rng_state(rng, generators)
         meta["rng_restored"] = True
     return meta

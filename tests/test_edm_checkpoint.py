@@ -6,13 +6,16 @@ class_name, state}, ``enc``/``dec`` are real ``torch.nn.ModuleDict``s, tensors g
 ``torch.storage._load_from_bytes`` (nested legacy blobs), numpy float64 scalars appear in nested ``_init_kwargs``.
 """
 
+import collections
 import contextlib
 import hashlib
 import io
+import json
 import pickle
 import struct
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from get.edm import (
     save_teacher,
 )
 from get.edm.checkpoint import KNOWN_CLASSES
-from get.teachers import load_teacher
+from get.teachers import MixtureTeacher, load_teacher
 
 TINY = {
     "ddpmpp-cond": (EDMPrecond, dict(img_resolution=16, img_channels=3, label_dim=4, model_type="SongUNet",
@@ -391,3 +394,237 @@ def test_converted_teacher_round_trip_without_pickle(tmp_path):
     (folder / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         load_converted(folder)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Crafted tensor records, sizes and structures: refused quickly, before their claimed sizes are allocated.
+
+
+class _View:
+    """Pickles as _rebuild_tensor_v2(storage, offset, size, stride): a tensor record of any layout over a storage."""
+
+    def __init__(self, storage, size, stride, offset=0):
+        self.storage, self.size, self.stride, self.offset = storage, tuple(size), tuple(stride), offset
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (self.storage, self.offset, self.size, self.stride, False,
+                                                 collections.OrderedDict())
+
+
+class _Blob:
+    """Pickles as torch.storage._load_from_bytes(data) with hand-made blob bytes."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return torch.storage._load_from_bytes, (self.data,)
+
+
+def _legacy_blob(claimed, values, header=None):
+    """A nested legacy torch.save blob of one float storage whose record claims ``claimed`` elements."""
+    out = io.BytesIO()
+    for obj in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True,
+                                              "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(obj, out, protocol=2)
+    record, marker = ("storage", torch.FloatStorage, "0", "cpu", claimed, None), object()
+
+    class _RecordPickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return record if obj is marker else None
+
+    _RecordPickler(out, protocol=2).dump(marker)
+    pickle.dump(["0"], out, protocol=2)
+    out.write(struct.pack("<q", claimed if header is None else header))
+    out.write(np.asarray(values, dtype=np.float32).tobytes())
+    return out.getvalue()
+
+
+def _storage(n):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.zeros(n)._typed_storage()
+
+
+_MAP0 = (128, 32)  # map_layer0.weight of the 'ddpmpp-cond' network
+
+
+@pytest.mark.parametrize("weight,match", [
+    (_View(_storage(4), _MAP0, (32, 1)), "past the storage"),  # grew the storage / read heap memory before
+    (_View(_storage(4), _MAP0, (32, 1), offset=3), "past the storage"),
+    (_View(_storage(1), _MAP0, (0, 0)), "overlap"),  # one float expanded into a (128, 32) weight
+    (_View(_storage(128 + 31), _MAP0, (1, 1)), "overlap"),
+    (_View(_storage(4), (50_000, 50_000), (50_000, 1)), "past the storage"),  # claims 10 GB
+    (_View(_storage(4), _MAP0, (32, -1)), "non-negative"),
+    (_View(_storage(4), _MAP0, (32,)), "2 sizes and 1 strides"),
+    (_View(_Blob(_legacy_blob(10**10, [1, 2, 3, 4])), (4,), (1,)), "claims 10000000000 x 4 bytes"),
+    (_View(_Blob(_legacy_blob(4, [1, 2, 3, 4], header=5)), (4,), (1,)), "header does not match"),
+    (_View(_Blob(b"\x80\x02K\x01."), (1,), (1,)), "not a legacy torch.save blob"),
+], ids=["size", "offset", "zero-stride", "overlap", "10GB", "negative", "ndim", "blob-10GB", "blob-header",
+        "blob-magic"])
+def test_tensor_records_outside_their_storage_are_refused(tmp_path, fails_fast, weight, match):
+    path = write_snapshot(tmp_path / "bad.pkl", _tiny("ddpmpp-cond"), meta_hook=_edit_tensors(
+        lambda p: dict(p, weight=weight)))
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(UnsafePickleError, match=match):
+        load_edm(path)
+
+
+def test_views_sharing_one_storage_cannot_outgrow_the_file(tmp_path):
+    """Every weight a view of one shared storage: each view is valid, together they hold far more than the file."""
+    net = _tiny("ddpmpp-cond")
+    shared = _storage(max(p.numel() for p in net.state_dict().values()))
+
+    def hook(obj, meta):
+        if not isinstance(obj, torch.nn.Module):  # the loss object
+            return meta
+        params = {k: v if v is None else _View(shared, v.shape, torch.empty(v.shape).stride())
+                  for k, v in meta["state"]["_parameters"].items()}
+        return dict(meta, state=dict(meta["state"], _parameters=params))
+
+    path = write_snapshot(tmp_path / "shared.pkl", net, meta_hook=hook)
+    with pytest.raises(UnsafePickleError, match=f"more than the {path.stat().st_size} bytes of the file"):
+        load_edm(path)
+
+
+def _chain(depth, fan_out):
+    """UNetBlock records nested ``depth`` deep, each holding the next one under ``fan_out`` names (shared)."""
+    block = UNetBlock()
+    for _ in range(depth):
+        parent = UNetBlock()
+        for i in range(fan_out):
+            parent.add_module(f"c{i}", block)
+        block = parent
+    return block
+
+
+class UNetBlock(torch.nn.Module):
+    """Pickled as a persistent 'UNetBlock' record by the writer."""
+
+
+def _replace_children(**children):
+    def hook(obj, meta):
+        if obj.__class__.__name__.endswith("Precond"):
+            meta = dict(meta, state=dict(meta["state"], _modules=collections.OrderedDict(children)))
+        return meta
+    return hook
+
+
+def test_shared_records_are_not_walked_exponentially(tmp_path, fails_fast):
+    path = write_snapshot(tmp_path / "dag.pkl", _tiny("vp"), meta_hook=_replace_children(model=_chain(30, 2)))
+    assert path.stat().st_size < 100_000  # 2^30 paths in a small file
+    with fails_fast(seconds=10), pytest.raises(UnsafePickleError, match="same module record also appears"):
+        load_edm(path)
+
+
+def test_deep_records_give_a_clear_error(tmp_path):
+    path = write_snapshot(tmp_path / "deep.pkl", _tiny("vp"), meta_hook=_replace_children(model=_chain(60, 1)))
+    with pytest.raises(UnsafePickleError, match="nested deeper than 32 levels"):
+        load_edm(path)
+
+
+def _nested_list(depth):
+    value = [1]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+@pytest.mark.parametrize("name,hook,match", [
+    ("ddpmpp-cond", _hook_top(num_blocks=10**6), r"num_blocks must be an integer in \[1, 64\]"),
+    ("ddpmpp-cond", _hook_top(model_channels=10**6), "model_channels must be an integer"),
+    ("ddpmpp-cond", _hook_top(img_resolution=2**20), "img_resolution must be an integer"),
+    ("ddpmpp-cond", _hook_top(channel_mult=[1] * 1000), "has 1000 items"),
+    ("ddpmpp-cond", _hook_top(channel_mult=_nested_list(40)), "nested lists"),  # 2^40 paths
+    ("ddpmpp-cond", _hook_top(num_blocks=2.5), "num_blocks must be an integer"),
+    ("ddpmpp-cond", _hook_top(dropout=float("nan")), "dropout must be a finite number"),
+    ("iddpm", _hook_top(M=10**9), r"M must be an integer in \[1, 10000\]"),
+], ids=["num_blocks", "channels", "resolution", "long-list", "shared-lists", "float-int", "nan", "iddpm-M"])
+def test_oversized_constructor_arguments_are_refused_before_building(tmp_path, fails_fast, name, hook, match):
+    path = write_snapshot(tmp_path / "big.pkl", _tiny(name), meta_hook=hook)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises((ValueError, UnsafePickleError), match=match):
+        load_edm(path)
+
+
+def test_constructor_sizes_must_match_the_weights(tmp_path):
+    path = write_snapshot(tmp_path / "big.pkl", _tiny("ddpmpp-cond"), meta_hook=_hook_top(num_blocks=3))
+    with pytest.raises(ValueError, match="weights do not match"):
+        load_edm(path)
+
+
+def test_protocol_2_snapshot(tmp_path):
+    """Protocol 2 names sets '__builtin__.set' and writes bytes as _codecs.encode(text, 'latin1')."""
+    net = _tiny("ncsnpp-uncond")
+    path = write_snapshot(tmp_path / "p2.pkl", net, protocol=2)
+    assert b"__builtin__" in path.read_bytes() and b"_codecs" in path.read_bytes()
+    assert load_edm(path).identity()["sha256"] == net.identity()["sha256"]
+    for module, name in (("__builtin__", "eval"), ("copy_reg", "_reconstructor"), ("_codecs", "decode")):
+        with pytest.raises(UnsafePickleError, match=f"refused global '{module}.{name}'"):
+            read_edm_pickle(io.BytesIO(_call_global_proto0(module, name, "x")))
+    with pytest.raises(UnsafePickleError, match="only as encode"):
+        read_edm_pickle(io.BytesIO(b"c_codecs\nencode\n(Vx\nVrot13\ntR."))
+
+
+def _rewrite_config(folder, edit, rehash=True):
+    """Edits config.json; with ``rehash`` also recomputes config_sha256 as a forger would (it is no signature)."""
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    if rehash:
+        body = {k: v for k, v in config.items() if k != "config_sha256"}
+        config["config_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_converted_config_is_covered_by_its_hash(tmp_path):
+    folder = save_teacher(load_edm(write_snapshot(tmp_path / "snap.pkl", _tiny("ddpmpp-cond"))), tmp_path / "c")
+    _rewrite_config(folder, lambda c: c["kwargs"].update(sigma_data=0.7), rehash=False)  # same tensors
+    with pytest.raises(ValueError, match="config.json: config_sha256 does not match"):
+        load_converted(folder)
+    _rewrite_config(folder, lambda c: c.update(version=1))
+    with pytest.raises(ValueError, match="version 1, expected 2"):
+        load_converted(folder)
+
+
+def _set_kwargs(**changes):
+    return lambda config: config["kwargs"].update(changes)
+
+
+@pytest.mark.parametrize("teacher,edit,match", [
+    ("ddpmpp-cond", _set_kwargs(num_blocks=10**6), "config.json: num_blocks must be an integer"),
+    ("iddpm", _set_kwargs(M=10**9), "config.json: M must be an integer"),
+    ("ddpmpp-cond", _set_kwargs(model_channels=64), "weights do not match"),
+    ("mixture", _set_kwargs(resolution=1024, num_components=10_000), r"needs means of shape \(10000, 2097152\)"),
+    ("mixture", _set_kwargs(rank=1000), r"needs factors of shape \(3, 32, 1000\)"),
+    ("mixture", _set_kwargs(resolution=10**6), "resolution must be an integer"),
+    ("mixture", _set_kwargs(max_frequency=10**4), "max_frequency must be an integer"),
+], ids=["num_blocks", "iddpm-M", "channels", "mixture-size", "mixture-rank", "mixture-resolution",
+        "mixture-frequency"])
+def test_converted_config_sizes_are_checked_before_building(tmp_path, fails_fast, teacher, edit, match):
+    if teacher == "mixture":
+        net = MixtureTeacher(resolution=4, channels=2, num_components=3, rank=2, seed=1)
+    else:
+        net = load_edm(write_snapshot(tmp_path / "snap.pkl", _tiny(teacher)))
+    folder = save_teacher(net, tmp_path / "c")
+    _rewrite_config(folder, edit)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match):
+        load_converted(folder)
+
+
+def _hook_meta(edit):
+    def hook(obj, meta):
+        return edit(dict(meta, state=dict(meta["state"]))) if obj.__class__.__name__.endswith("Precond") else meta
+    return hook
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: dict(m, class_name=["EDMPrecond"]), "unknown class"),
+    (lambda m: {**m, 1: 2}, "exactly the fields"),
+    (lambda m: dict(m, state=dict(m["state"], _init_args=torch.zeros(2))), "positional _init_args"),
+    (lambda m: dict(m, state=dict(m["state"], _init_kwargs={1: 2})), "string keys"),
+    (lambda m: dict(m, state=dict(m["state"], _modules={1: None})), "_modules has a key of type int"),
+    (lambda m: dict(m, state=dict(m["state"], _non_persistent_buffers_set=[])), "_non_persistent_buffers_set"),
+], ids=["class-list", "int-field", "tensor-args", "int-kwarg", "int-module", "list-set"])
+def test_malformed_records_give_clear_errors(tmp_path, edit, match):
+    path = write_snapshot(tmp_path / "bad.pkl", _tiny("vp"), meta_hook=_hook_meta(edit))
+    with pytest.raises(UnsafePickleError, match=match) as info:
+        load_edm(path)
+    assert str(path) in str(info.value)

@@ -1,12 +1,15 @@
 """GET model: official parameter counts and key layout, shapes, determinism, gradients, solver, files, errors."""
 
 import argparse
+import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from get.deq import validate_deq_options
 from get.models import GET, GET_models, NonFiniteError, count_parameters, create_model, sincos_pos_embed
@@ -153,8 +156,53 @@ def test_explicit_z0_matches_generator_draw():
     model = _tiny()
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
     x = torch.randn(2, 3, 8, 8)
-    z0 = torch.randn((2, 16, 64), generator=torch.Generator().manual_seed(3))
+    # (B, N, D) drawn on the official (B, D, N) memory layout (see test_seeded_z0_reproduces_the_official_draw)
+    z0 = torch.empty(2, 64, 16).transpose(1, 2).normal_(generator=torch.Generator().manual_seed(3))
     assert torch.equal(model(x, z0=z0), model(x, generator=torch.Generator().manual_seed(3)))
+
+
+def _official_injt_output(model, noise, labels):
+    """locuslab/get models/get.py GET.forward up to ``z = torch.randn_like(x)``, in plain torch ops on our weights:
+    timm PatchEmbed (conv, flatten(2).transpose(1, 2)) + pos_embed, then the InjT blocks
+    x = x + attn(norm1(x), c); x = x + mlp(norm2(x)) with the class embedding added to the fused qkv."""
+    w, b = model.x_embedder.proj.weight, model.x_embedder.proj.bias
+    x = F.conv2d(noise, w, b, stride=model.patch_size).flatten(2).transpose(1, 2) + model.pos_embed
+    B, N, D = x.shape
+    H = model.num_heads
+    c = model.y_embedder.embedding_table(labels).view(B, 1, 3 * D)
+    for blk in model.blocks:
+        h = F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        qkv = (F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias) + c).reshape(B, N, 3, H, D // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        x = x + F.linear(a, blk.attn.proj.weight, blk.attn.proj.bias)
+        h = F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+        h = F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        x = x + F.linear(h, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+    return x
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_seeded_z0_reproduces_the_official_draw(device):
+    model = GET_models["GET-XXS/2"](input_size=8, num_classes=3, depth=2).to(device)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([2, 0], device=device)
+    with torch.no_grad():
+        x_official = _official_injt_output(model, x, y)
+        h, ops, c = model.embed(x), model._ops(x.device), model.y_embedder(y)
+        for blk in model.blocks:
+            h = blk(h, ops, c)
+        torch.testing.assert_close(x_official, h, atol=1e-5, rtol=1e-5)  # the reference computes the same InjT
+    assert not x_official.is_contiguous()  # the layout the official draw sees
+    torch.manual_seed(11)
+    ours = model(x, y)
+    torch.manual_seed(11)
+    z_official = torch.randn_like(x_official)
+    assert torch.equal(ours, model(x, y, z0=z_official))
+    if device == "cpu":  # a contiguous draw of the same seed differs: the bug this test guards against
+        torch.manual_seed(11)
+        assert not torch.allclose(torch.randn(z_official.shape), z_official)
 
 
 def test_gradients_reach_every_trainable_parameter():
@@ -348,6 +396,124 @@ def test_malicious_pth_is_refused(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         GET.from_pretrained(tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+def _official_file(path, model, args=None, edit=None, **save_kwargs):
+    """An official-layout trainer file of ``model``'s weights; ``edit`` changes the 'ema' entry."""
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ema if edit is None else edit(ema)
+    torch.save({"args": args, "model": dict(ema) if isinstance(ema, dict) else ema, "ema": ema, "opt": {}}, path,
+               **save_kwargs)
+    return path
+
+
+def test_official_heads_come_from_args_model(tmp_path):
+    xxs = GET_models["GET-XXS/2"](input_size=8)  # D = 64, 2 heads
+    path = _official_file(tmp_path / "a.pth", xxs, argparse.Namespace(model="GET-XXS/2", input_size=8))
+    assert GET.from_pretrained(path).num_heads == 2  # was D // 64 = 1
+    assert GET.from_pretrained(_official_file(tmp_path / "b.pth", xxs)).num_heads == 1  # no name: D / 64
+    with pytest.raises(ValueError, match="args.model='GET-B/2' has hidden_size 768"):
+        GET.from_pretrained(_official_file(tmp_path / "c.pth", xxs, argparse.Namespace(model="GET-B/2")))
+    with pytest.raises(ValueError, match="args.model='GET-Z/2' is not a registered GET config"):
+        GET.from_pretrained(_official_file(tmp_path / "d.pth", xxs, argparse.Namespace(model="GET-Z/2")))
+    odd = GET(input_size=8, hidden_size=96, num_heads=2, depth=1, deq_mlp_ratio=2)
+    path = _official_file(tmp_path / "e.pth", odd)
+    with pytest.raises(ValueError, match="cannot infer num_heads: no args.model and hidden size 96"):
+        GET.from_pretrained(path)
+    assert GET.from_pretrained(path, num_heads=2).num_heads == 2
+    small = GET(input_size=8, hidden_size=48, num_heads=1, depth=1, deq_mlp_ratio=2)
+    with pytest.raises(ValueError, match="hidden size 48 is not a multiple of 64"):  # was a ZeroDivisionError
+        GET.from_pretrained(_official_file(tmp_path / "f.pth", small))
+
+
+def _set(key, value):
+    def edit(sd):
+        sd[key] = value
+        return sd
+    return edit
+
+
+def _drop(key):
+    def edit(sd):
+        del sd[key]
+        return sd
+    return edit
+
+
+def _weight_norm(keep):
+    def edit(sd):
+        w = sd.pop("deq_blocks.0.attn.qkv.weight")
+        sd["deq_blocks.0.attn.qkv.weight_" + keep] = torch.ones(w.shape[0], 1) if keep == "g" else w
+        return sd
+    return edit
+
+
+def _views_of_one_storage(sd):
+    """Every weight a view of one storage as large as the largest: valid views, together 5x the file."""
+    shared = torch.zeros(max(v.numel() for v in sd.values()))
+    return {k: shared[:v.numel()].view(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: list(sd.values()), r"ckpt\['ema'\] is a list, not a state dict"),
+    (_set(3, torch.zeros(1)), r"ckpt\['ema'\] has a key of type int"),
+    (_set("pos_embed", "sincos"), r"ckpt\['ema'\]\['pos_embed'\] is a str, not a tensor"),
+    (_weight_norm("v"), "weight_v without deq_blocks.0.attn.qkv.weight_g"),
+    (_weight_norm("g"), "weight_g without deq_blocks.0.attn.qkv.weight_v"),
+    (_drop("pos_embed"), "missing key 'pos_embed'"),
+    (_set("pos_embed", torch.zeros(1, 15, 64)), r"pos_embed \(1, 15, 64\) is not \(1, grid², D\)"),
+    (_set("pos_embed", torch.zeros(1).expand(1, 16, 64)), "overlap"),  # a 4-byte storage as 1024 elements
+    (_set("pos_embed", torch.zeros(1).expand(1, 50_000, 50_000)), "overlap"),  # claims 10 GB
+    (_views_of_one_storage, "more than the"),
+], ids=["ema-list", "int-key", "str-pos-embed", "weight_v-alone", "weight_g-alone", "missing", "pos-shape",
+        "zero-stride", "zero-stride-10GB", "shared-storage"])
+def test_malformed_official_files_give_clear_errors(tmp_path, fails_fast, edit, match):
+    path = _official_file(tmp_path / "bad.pth", _tiny(), argparse.Namespace(input_size=8), edit=edit)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises((ValueError, KeyError), match=match) as info:
+        GET.from_pretrained(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("args,match", [
+    (argparse.Namespace(input_size=1024), "args.input_size=1024 but pos_embed and the patch size give 8"),
+    (argparse.Namespace(input_size=10**9), r"args.input_size must be an integer in \[1, 1024\]"),
+    (argparse.Namespace(input_size="8"), "args.input_size must be an integer"),
+    ([1, 2], "ckpt\\['args'\\] is a list"),
+], ids=["1024", "huge", "str", "list"])
+def test_official_args_are_checked_against_the_weights(tmp_path, fails_fast, args, match):
+    path = _official_file(tmp_path / "a.pth", _tiny(), args)
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match):
+        GET.from_pretrained(path)
+
+
+def test_legacy_and_compressed_pth_files_are_refused(tmp_path):
+    path = _official_file(tmp_path / "legacy.pth", _tiny(), _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="not a zip-format torch.save file"):
+        GET.from_pretrained(path)
+    good = _official_file(tmp_path / "good.pth", _tiny())
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(ValueError, match="is compressed or reaches past the file's end"):
+        GET.from_pretrained(tmp_path / "deflated.pth")
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(input_size=1024), "input_size=1024 \\(weights: 8\\)"),
+    (dict(hidden_size=8192, num_heads=128), "hidden_size=8192 \\(weights: 64\\)"),
+    (dict(depth=10**6), r"depth must be an integer in \[0, 256\]"),
+    (dict(deq_mlp_ratio=64.0), r"deq_mlp_ratio=64.0 \(weights: width 128 for D=64\)"),
+    (dict(num_classes=10**5), "num_classes=100000 \\(weights: 0\\)"),
+    (dict(evil=1), r"unknown GET argument\(s\) \['evil'\]"),
+    (dict(num_heads=3), "num_heads=3 does not divide the hidden size 64"),
+], ids=["input_size", "hidden_size", "depth", "deq_mlp_ratio", "num_classes", "unknown", "num_heads"])
+def test_our_config_is_checked_against_the_weights_before_building(tmp_path, fails_fast, change, match):
+    _tiny().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with fails_fast(seconds=10, max_mb=200), pytest.raises(ValueError, match=match) as info:
+        GET.from_pretrained(tmp_path)
+    assert "config.json" in str(info.value)
 
 
 def test_clear_errors():

@@ -153,6 +153,19 @@ def test_config_mismatch_is_refused(tmp_path):
         load_checkpoint(path, {"fake_score": model})
 
 
+def test_legacy_format_optimizer_and_rng_files_are_refused(tmp_path):
+    """torch.load's legacy-format reader allocates the storage sizes a file claims before checking them."""
+    model, ema, opt = _tiny_run(tmp_path)
+    path = save_checkpoint(tmp_path, 1, {"model": model}, {"opt": opt})
+    for name in ("optimizers.pt", "rng-rank000.pt"):
+        original = (path / name).read_bytes()
+        torch.save(torch.load(path / name, weights_only=True), path / name, _use_new_zipfile_serialization=False)
+        with pytest.raises(ValueError, match=f"{name}: not a zip-format torch.save file"):
+            load_checkpoint(path, {"model": model}, {"opt": opt})
+        (path / name).write_bytes(original)
+    load_checkpoint(path, {"model": model}, {"opt": opt})
+
+
 def test_prepare_run_dir_refuses_to_overwrite(tmp_path):
     run_dir, ckpt = prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
     assert ckpt is None and json.loads((run_dir / "options.json").read_text()) == {"lr": 1e-4}

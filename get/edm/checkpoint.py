@@ -6,11 +6,12 @@ file there yourself.
 
 Safety. The official ``.pkl`` files are snapshots of ``torch_utils.persistence``: every network object carries the
 full Python source of its defining module, which EDM's own loader ``exec``s. :func:`read_edm_pickle` never does: it
-unpickles with an exact allowlist of globals (spec/EDM.md §8), turns every persistent object into an inert
-:class:`EDMRecord` (the embedded source is only hashed), reads the nested storage blobs with
-``torch.load(weights_only=True)``, and refuses anything else with :class:`UnsafePickleError` naming the global,
-before importing or calling it. :func:`load_edm` then builds *our* class from the recorded class name and
-constructor keywords (validated) and loads the weights strictly.
+unpickles with an exact allowlist of globals, turns every persistent object into an inert :class:`EDMRecord` (the
+embedded source is only hashed), parses the nested storage blobs itself (sizes checked against the bytes present
+before anything is allocated), rebuilds each tensor as a view checked to lie inside its storage without overlaps,
+and refuses anything else with :class:`UnsafePickleError` naming the global, before importing or calling it.
+:func:`load_edm` then builds *our* class from the recorded class name and constructor keywords (bounded, on the meta
+device) and loads the weights strictly. docs/LOADERS.md lists what every loader accepts and refuses.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 import pickle
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from get.edm.networks import NETWORKS
 from get.edm.precond import PRECONDITIONERS
-from get.io import save_safetensors, write_json
+from get.io import read_json, save_safetensors, write_json
+from get.safety import check_int, check_number, strided_layout_error, total_bytes_error
 
 __all__ = [
     "OFFICIAL_CHECKPOINTS", "cache_dir", "resolve_checkpoint", "download", "UnsafePickleError", "EDMRecord",
@@ -186,13 +187,13 @@ def _reconstruct_persistent_obj(meta):
     """Replacement for ``torch_utils.persistence._reconstruct_persistent_obj``: validates and records, never executes
     ``module_src``."""
     if not isinstance(meta, dict) or set(meta) != _META_FIELDS:
-        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        keys = sorted(map(repr, meta)) if isinstance(meta, dict) else type(meta).__name__
         raise UnsafePickleError(f"persistent object meta must have exactly the fields {sorted(_META_FIELDS)}, "
                                 f"got {keys}")
     if meta["type"] != "class" or meta["version"] != 6:
         raise UnsafePickleError(f"persistent object has type={meta['type']!r} version={meta['version']!r}; "
                                 f"expected 'class' and 6")
-    if meta["class_name"] not in KNOWN_CLASSES:
+    if not isinstance(meta["class_name"], str) or meta["class_name"] not in KNOWN_CLASSES:
         raise UnsafePickleError(f"persistent object of unknown class {meta['class_name']!r}; "
                                 f"known: {sorted(KNOWN_CLASSES)}")
     if not isinstance(meta["module_src"], str) or not isinstance(meta["state"], dict):
@@ -201,34 +202,95 @@ def _reconstruct_persistent_obj(meta):
     return EDMRecord(meta["class_name"], meta["state"], src_hash)
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a legacy (non-zip) torch.save blob
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16}  # network weights are floating point
+
+
+class _Storage:
+    """Inert, fixed-size storage read from a nested blob: ``flat`` is a 1-D tensor over exactly its bytes."""
+
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        object.__setattr__(self, "flat", flat)
+
+    def __setattr__(self, key, value):
+        raise UnsafePickleError(f"pickle tries to set attribute {key!r} of a storage")
+
+    def __setstate__(self, state):
+        raise UnsafePickleError("pickle tries to modify a storage")
+
+
+class _BlobUnpickler(pickle.Unpickler):
+    """Reads the plain pickles of a legacy blob: its only globals are storage types (mapped to dtypes), its only
+    persistent id is one storage record ('storage', type, key, location, numel, None)."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.records = []
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise UnsafePickleError(f"global '{module}.{name}' (storages of {sorted(_STORAGE_DTYPES)} only)")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise UnsafePickleError(f"persistent id {type(pid).__name__} is not a storage record")
+        _, dtype, key, location, numel, view = pid
+        if (not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(location, str)
+                or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0 or view is not None):
+            raise UnsafePickleError("malformed storage record")
+        self.records.append((key, dtype, numel))
+        return key
+
+
 def _load_storage_from_bytes(data):
-    """Replacement for ``torch.storage._load_from_bytes``: the nested legacy blob is read with weights_only=True."""
+    """Replacement for ``torch.storage._load_from_bytes``: parses the nested legacy ``torch.save`` blob itself (magic,
+    version, system info, one storage record, its key, then int64 element count and raw bytes) and checks that the
+    bytes present are exactly what the record claims before allocating anything; torch never sees the blob."""
     if not isinstance(data, bytes):
         raise UnsafePickleError(f"storage blob must be bytes, got {type(data).__name__}")
+    f = io.BytesIO(data)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-            storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        for expected in (_LEGACY_MAGIC, 1001):  # magic number, format version
+            if _BlobUnpickler(f).load() != expected:
+                raise UnsafePickleError("not a legacy torch.save blob (magic number or version)")
+        sys_info = _BlobUnpickler(f).load()
+        if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+            raise UnsafePickleError("system info missing or not little-endian")
+        main = _BlobUnpickler(f)
+        key = main.load()
+        keys = _BlobUnpickler(f).load()
+        if len(main.records) != 1 or keys != [key] or key != main.records[0][0]:
+            raise UnsafePickleError("the blob must hold exactly one storage")
+        _, dtype, numel = main.records[0]
+        header = f.read(8)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if len(header) != 8 or int.from_bytes(header, "little", signed=True) != numel:
+            raise UnsafePickleError(f"element count header does not match the record ({numel})")
+        if len(data) - f.tell() != numel * itemsize:
+            raise UnsafePickleError(f"record claims {numel} x {itemsize} bytes, the blob holds {len(data) - f.tell()}")
     except Exception as e:
         raise UnsafePickleError(f"refused nested storage blob: {e}") from e
-    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
-        raise UnsafePickleError(f"storage blob holds a {type(storage).__name__}, not a storage")
-    return storage
+    raw = bytearray(data[f.tell():])
+    return _Storage(torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype))
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """``torch._utils._rebuild_tensor_v2`` with checked arguments; gradient flags, hooks and metadata are dropped."""
-    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+    """``torch._utils._rebuild_tensor_v2`` as a checked view: it must lie inside its storage and not overlap itself
+    (storages never grow); gradient flags and hooks are dropped."""
+    if not isinstance(storage, _Storage):
         raise UnsafePickleError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
-    ints = (storage_offset, *size, *stride)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
-        raise UnsafePickleError("tensor offset, size and stride must be non-negative integers")
+    if not isinstance(size, tuple) or not isinstance(stride, tuple):
+        raise UnsafePickleError("tensor size and stride must be tuples")
     if metadata:
         raise UnsafePickleError("tensor metadata is not supported")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-        return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False,
-                                               collections.OrderedDict())
+    error = strided_layout_error(size, stride, storage_offset, storage.flat.numel())
+    if error:
+        raise UnsafePickleError(f"tensor record refused: {error}")
+    return storage.flat.as_strided(size, stride, storage_offset)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -247,6 +309,13 @@ def _numpy_scalar(dtype, data):
     return np.frombuffer(data, dtype=dtype)[0]
 
 
+def _latin1_bytes(text, encoding):
+    """``_codecs.encode`` only as protocol 2 uses it for bytes: a str encoded as latin-1."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise UnsafePickleError("_codecs.encode is allowed only as encode(str, 'latin1') (protocol-2 bytes)")
+    return text.encode("latin1")
+
+
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"):
         _Frozen(_reconstruct_persistent_obj, "torch_utils.persistence._reconstruct_persistent_obj"),
@@ -258,8 +327,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "scalar"): _Frozen(_numpy_scalar, "numpy.core.multiarray.scalar"),
     ("numpy._core.multiarray", "scalar"): _Frozen(_numpy_scalar, "numpy._core.multiarray.scalar"),
     ("numpy", "dtype"): np.dtype,
-    # Protocol-2/3 writers (Python <= 3.7) encode sets (_non_persistent_buffers_set) as REDUCE of builtins.set.
+    # Protocol-3 writers encode sets (_non_persistent_buffers_set) as REDUCE of builtins.set; protocol 2 names it
+    # '__builtin__.set' (Python 2 module names) and writes bytes as _codecs.encode(text, 'latin1').
     ("builtins", "set"): _Frozen(set, "builtins.set"),
+    ("__builtin__", "set"): _Frozen(set, "__builtin__.set"),
+    ("_codecs", "encode"): _Frozen(_latin1_bytes, "_codecs.encode"),
 }
 
 
@@ -282,12 +354,18 @@ def read_edm_pickle(file: str | Path | BinaryIO) -> Any:
     """
     if isinstance(file, (str, Path)):
         with open(file, "rb") as f:
-            return _SafeEDMUnpickler(f).load()
+            try:
+                return _SafeEDMUnpickler(f).load()
+            except UnsafePickleError as e:
+                raise UnsafePickleError(f"{file}: {e}") from None
     return _SafeEDMUnpickler(file).load()
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Records -> our networks.
+
+
+MAX_DEPTH = 32  # EDM's module trees are 5 levels deep
 
 
 def _children(state: dict, where: str) -> dict:
@@ -298,30 +376,50 @@ def _children(state: dict, where: str) -> dict:
 
 
 def state_dict_from_record(record: EDMRecord | _ModuleDictStub, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Flattens a record tree into a state dict: parameters, then persistent buffers, then children (torch's order)."""
+    """Flattens a record tree into a state dict: parameters, then persistent buffers, then children (torch's order).
+
+    Raises:
+        UnsafePickleError: malformed records, a module reached twice (a pickle can share one record along
+            exponentially many paths; EDM networks share none) or nesting deeper than ``MAX_DEPTH``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    _collect(record, prefix, out, {}, 0)
+    return out
+
+
+def _collect(record, prefix: str, out: dict, seen: dict, depth: int) -> None:
     where = prefix.rstrip(".") or "<root>"
+    if depth > MAX_DEPTH:
+        raise UnsafePickleError(f"{where}: modules nested deeper than {MAX_DEPTH} levels")
     if isinstance(record, _ModuleDictStub):
         state = record.__dict__.get("state", {})
     elif isinstance(record, EDMRecord):
         state = record.state
     else:
         raise UnsafePickleError(f"{where}: expected a module, got {type(record).__name__}")
-    out: dict[str, torch.Tensor] = {}
+    if id(record) in seen:
+        raise UnsafePickleError(f"{where}: the same module record also appears at {seen[id(record)]}")
+    seen[id(record)] = where
     non_persistent = state.get("_non_persistent_buffers_set", set())
+    if not isinstance(non_persistent, (set, frozenset)):
+        raise UnsafePickleError(f"{where}: _non_persistent_buffers_set is a {type(non_persistent).__name__}")
     for group in ("_parameters", "_buffers"):
         tensors = state.get(group, {})
         if not isinstance(tensors, dict):
             raise UnsafePickleError(f"{where}: {group} is a {type(tensors).__name__}, not a dict")
         for name, tensor in tensors.items():
+            if not isinstance(name, str):
+                raise UnsafePickleError(f"{where}: {group} has a key of type {type(name).__name__}")
             if tensor is None or (group == "_buffers" and name in non_persistent):
                 continue
             if type(tensor) is not torch.Tensor:
                 raise UnsafePickleError(f"{where}.{name}: expected a tensor, got {type(tensor).__name__}")
             out[prefix + name] = tensor
     for name, child in _children(state, where).items():
+        if not isinstance(name, str):
+            raise UnsafePickleError(f"{where}: _modules has a key of type {type(name).__name__}")
         if child is not None:
-            out.update(state_dict_from_record(child, f"{prefix}{name}."))
-    return out
+            _collect(child, f"{prefix}{name}.", out, seen, depth + 1)
 
 
 def _allowed_kwargs(class_name: str, model_type: str) -> set[str]:
@@ -331,39 +429,89 @@ def _allowed_kwargs(class_name: str, model_type: str) -> set[str]:
     return (precond | network) - skip | {"img_resolution"}
 
 
+MAX_LIST = 16  # constructor lists (channel_mult, attn_resolutions, resample_filter) are short
+
+
 def _plain(value: Any, key: str) -> Any:
-    """numpy scalars -> Python numbers; lists of numbers kept; anything else refused."""
+    """numpy scalars -> Python numbers; flat lists of at most ``MAX_LIST`` scalars; anything else refused (so a
+    crafted argument can neither nest deeply nor share references along exponentially many paths)."""
     if isinstance(value, np.generic) and value.dtype.kind in "biuf":
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
+        if len(value) > MAX_LIST:
+            raise UnsafePickleError(f"constructor argument {key!r} has {len(value)} items (at most {MAX_LIST})")
+        if any(isinstance(v, (list, tuple)) for v in value):
+            raise UnsafePickleError(f"constructor argument {key!r} has nested lists")
         return [_plain(v, key) for v in value]
     raise UnsafePickleError(f"constructor argument {key!r} has unsupported type {type(value).__name__}")
 
 
-def build_from_record(record: EDMRecord):
+# Bounds on the integer constructor arguments: generous beyond every official network, and small enough that
+# building (on the meta device) and the shape comparison stay fast; sizes then must match the file's tensors.
+_INT_BOUNDS = {"img_resolution": (1, 1024), "img_channels": (1, 64), "label_dim": (0, 100_000),
+               "augment_dim": (0, 64), "model_channels": (1, 4096), "channel_mult_emb": (1, 16),
+               "num_blocks": (1, 64), "channel_mult_noise": (1, 16), "M": (1, 10_000)}
+_LIST_BOUNDS = {"channel_mult": (1, 64, 1, 8), "attn_resolutions": (1, 1024, 0, MAX_LIST),
+                "resample_filter": (0, 1024, 1, MAX_LIST)}  # item bounds, length bounds
+_STR_ARGS = {"model_type", "embedding_type", "encoder_type", "decoder_type"}
+
+
+def check_constructor_kwargs(kwargs: dict, where: str) -> None:
+    """Types and bounds of EDM constructor keywords (preconditioner + network), before anything is built.
+
+    Raises:
+        ValueError: naming ``where`` and the argument.
+    """
+    for key, value in kwargs.items():
+        if key in _INT_BOUNDS:
+            check_int(value, key, *_INT_BOUNDS[key], where)
+        elif key in _LIST_BOUNDS:
+            low, high, min_len, max_len = _LIST_BOUNDS[key]
+            if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len:
+                raise ValueError(f"{where}: {key} must be a list of {min_len} to {max_len} integers, got {value!r}")
+            for v in value:
+                check_int(v, key, low, high, where)
+        elif key in _STR_ARGS:
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+        elif key == "use_fp16":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: use_fp16 must be a bool, got {value!r}")
+        else:  # dropout, sigma_*, beta_*, epsilon_t, C_1, C_2, label_dropout
+            check_number(value, key, where, allow_inf=key == "sigma_max")
+
+
+def build_from_record(record: EDMRecord, where: str = "<pickle>"):
     """Our preconditioner from a top-level record's class name and validated ``_init_kwargs`` (weights not loaded)."""
     if not isinstance(record, EDMRecord) or record.class_name not in PRECONDITIONERS:
         got = record.class_name if isinstance(record, EDMRecord) else type(record).__name__
         raise UnsafePickleError(f"top-level network is {got!r}; expected one of {sorted(PRECONDITIONERS)}")
     state = record.state
-    if tuple(state.get("_init_args", ())) != ():
+    init_args = state.get("_init_args", ())
+    if not isinstance(init_args, (tuple, list)) or init_args:
         raise UnsafePickleError(f"{record.class_name}: positional _init_args are not supported")
     init_kwargs = state.get("_init_kwargs")
-    if not isinstance(init_kwargs, dict):
-        raise UnsafePickleError(f"{record.class_name}: _init_kwargs missing or not a dict")
-    kwargs = {str(k): _plain(v, k) for k, v in init_kwargs.items()}
-    default_type = inspect.signature(PRECONDITIONERS[record.class_name].__init__).parameters["model_type"].default
+    if not isinstance(init_kwargs, dict) or not all(isinstance(k, str) for k in init_kwargs):
+        raise UnsafePickleError(f"{record.class_name}: _init_kwargs missing or not a dict with string keys")
+    kwargs = {k: _plain(v, k) for k, v in init_kwargs.items()}
+    return build_network(record.class_name, kwargs, f"{where}: {record.class_name}")
+
+
+def build_network(class_name: str, kwargs: dict, where: str, name: str | None = None):
+    """Checks the keywords, then builds the preconditioner on the meta device (shapes only, no memory)."""
+    default_type = inspect.signature(PRECONDITIONERS[class_name].__init__).parameters["model_type"].default
     model_type = kwargs.get("model_type", default_type)
     if model_type not in NETWORKS:
-        raise ValueError(f"{record.class_name}: unsupported architecture model_type={model_type!r}; "
+        raise ValueError(f"{where}: unsupported architecture model_type={model_type!r}; "
                          f"supported: {sorted(NETWORKS)}")
-    unknown = sorted(set(kwargs) - _allowed_kwargs(record.class_name, model_type))
+    unknown = sorted(set(kwargs) - _allowed_kwargs(class_name, model_type))
     if unknown:
-        raise ValueError(f"{record.class_name}({model_type}): unsupported constructor argument(s) {unknown}")
+        raise ValueError(f"{where}({model_type}): unsupported constructor argument(s) {unknown}")
+    check_constructor_kwargs(kwargs, where)
     with torch.device("meta"):  # no memory, no random init: the weights are assigned by _load_strict
-        return PRECONDITIONERS[record.class_name](**kwargs)
+        return PRECONDITIONERS[class_name](**kwargs, name=name)
 
 
 def _load_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -407,11 +555,18 @@ def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None
             sha.update(block)
     data = read_edm_pickle(path)
     if not isinstance(data, dict) or key not in data:
-        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        got = sorted(k for k in data if isinstance(k, str)) if isinstance(data, dict) else type(data).__name__
         raise UnsafePickleError(f"{path}: expected a snapshot dict with key {key!r}, got {got}")
     record = data[key]
-    net = build_from_record(record)
-    converted = _load_strict(net, state_dict_from_record(record), str(path))
+    try:
+        net = build_from_record(record, str(path))  # its ValueErrors name the file already
+        tensors = state_dict_from_record(record)
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{path}: {e}") from None
+    error = total_bytes_error(tensors.values(), path.stat().st_size)
+    if error:
+        raise UnsafePickleError(f"{path}: {error}")
+    converted = _load_strict(net, tensors, str(path))
     net.name = name or path.name.removesuffix(".pkl")
     net.source = {"file": path.name, "sha256": sha.hexdigest(), "module_src_sha256": record.module_src_sha256,
                   "converted_dtypes": converted}
@@ -422,40 +577,82 @@ def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None
 # Our own format: safetensors + JSON.
 
 _FORMAT = "get-teacher"
+_VERSION = 2  # 2: config.json carries config_sha256
+
+
+def _config_sha256(config: dict) -> str:
+    """sha256 of the canonical JSON of config.json without its own ``config_sha256`` field."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def save_teacher(teacher, directory: str | Path) -> Path:
-    """Writes ``model.safetensors`` (the state dict) and ``config.json`` (class, constructor keywords, name, hashes)
-    into ``directory`` atomically; ``load_teacher(directory)`` rebuilds the teacher without any pickle."""
+    """Writes ``model.safetensors`` (the state dict) and ``config.json`` (class, constructor keywords, name, hashes
+    of the weights and of the config itself) into ``directory`` atomically; ``load_teacher(directory)`` rebuilds the
+    teacher without any pickle."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     identity = teacher.identity()
-    config = {"format": _FORMAT, "version": 1, "name": identity["name"], **identity["config"],
+    config = {"format": _FORMAT, "version": _VERSION, "name": identity["name"], **identity["config"],
               "sha256": identity["sha256"], "source": getattr(teacher, "source", None)}
+    config["config_sha256"] = _config_sha256(config)
     save_safetensors(directory / "model.safetensors", teacher.state_dict())
     write_json(directory / "config.json", config)
     return directory
 
 
+# Mixture sizes beyond the tensor shapes: max_frequency sets the work per stored element.
+_MIXTURE_INT_BOUNDS = {"resolution": (1, 1024), "channels": (1, 64), "num_components": (1, 10_000),
+                       "rank": (0, 1024), "max_frequency": (0, 8)}
+
+
+def _check_mixture(kwargs: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A mixture's sizes must be bounded and agree with its stored tensors before it is built (building computes
+    every parameter from the seed, at a cost that grows with the sizes)."""
+    for key, bounds in _MIXTURE_INT_BOUNDS.items():
+        check_int(kwargs.get(key), key, *bounds, where)
+    K, C, R, r = (kwargs[k] for k in ("num_components", "channels", "resolution", "rank"))
+    expected = {"means": (K, C * R * R), "factors": (K, C * R * R, r), "diag": (K, C * R * R), "log_weights": (K,),
+                "class_of": (K,)}
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape) if key in tensors else None
+        if got != shape:
+            raise ValueError(f"{where}: config (num_components={K}, channels={C}, resolution={R}, rank={r}) needs "
+                             f"{key} of shape {shape}, the weights have {got}")
+
+
 def load_converted(directory: str | Path):
-    """Reads a folder written by :func:`save_teacher`, verifying the weights' sha256."""
+    """Reads a folder written by :func:`save_teacher`, verifying the sha256 of the config and of the weights, and
+    checking the config's sizes against the weights' shapes before building anything."""
     from get.teachers import MixtureTeacher, tensors_sha256  # noqa: PLC0415  (get.teachers imports this module)
 
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory}: a converted teacher needs config.json and model.safetensors")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != _FORMAT:
-        raise ValueError(f"{config_path}: format is {config.get('format')!r}, expected {_FORMAT!r}")
+    config = read_json(config_path)
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path}: format is {got!r}, expected {_FORMAT!r}")
+    if config.get("version") != _VERSION:
+        raise ValueError(f"{config_path}: version {config.get('version')!r}, expected {_VERSION} (convert the .pkl "
+                         f"again with save_teacher)")
+    if config.get("config_sha256") != _config_sha256(config):
+        raise ValueError(f"{config_path}: config_sha256 does not match the config (edited or corrupted file)")
     classes = {**PRECONDITIONERS, "MixtureTeacher": MixtureTeacher}
     if config.get("class_name") not in classes:
         raise ValueError(f"{config_path}: unknown class_name {config.get('class_name')!r}; known: {sorted(classes)}")
-    with torch.device("meta" if config["class_name"] in PRECONDITIONERS else "cpu"):
-        teacher = classes[config["class_name"]](**{**config["kwargs"], "name": config["name"]})
+    kwargs, name = config.get("kwargs"), config.get("name")
+    if not isinstance(kwargs, dict) or not isinstance(name, str):
+        raise ValueError(f"{config_path}: kwargs must be a dict and name a string")
     tensors = load_file(str(weights_path))
-    if tensors_sha256(tensors) != config["sha256"]:
+    if tensors_sha256(tensors) != config.get("sha256"):
         raise ValueError(f"{weights_path}: sha256 of the weights does not match config.json (corrupted file?)")
+    if config["class_name"] in PRECONDITIONERS:
+        teacher = build_network(config["class_name"], kwargs, str(config_path), name)
+    else:
+        _check_mixture(kwargs, tensors, str(config_path))
+        teacher = MixtureTeacher(**{**kwargs, "name": name})
     _load_strict(teacher, tensors, str(weights_path))
     teacher.source = config.get("source")
     return teacher.eval().requires_grad_(False)
