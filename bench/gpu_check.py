@@ -149,12 +149,13 @@ class Report:
         (self.out / "report.md").write_text(markdown_report(doc))
 
 
-def timed(fn, warmup: int, iters: int, device: str) -> dict:
-    """Median seconds per call (device events on CUDA), and the peak memory of the timed calls, after `warmup` calls."""
+def timed(fn, warmup: int, iters: int, device: str, reset_peak: bool = True) -> dict:
+    """Median seconds per call (device events on CUDA) after `warmup` calls, and the peak memory allocated during the
+    timed calls (or since the caller's own reset, with reset_peak=False)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    if device == "cuda":
+    if device == "cuda" and reset_peak:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
@@ -433,24 +434,41 @@ def part_attention(sz: Sizes, env: dict) -> dict:
 
         def bench(fn):
             return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+        busy = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # clocks up before the first timing (an idle H200 sits at 345 MHz)
+            busy @ busy
+        sync(dev)
+        del busy
     else:
 
         def bench(fn):
             return timed(fn, 1, 2, dev)["seconds"]
 
-    times = {"triton (packed qkv)": bench(ours)}
+    impls = {"triton (packed qkv)": ours}
     for name, backend in backends.items():
         for label, make in ((f"sdpa-{name} + layout copies (torch backend)", torch_path), (f"sdpa-{name} bare", bare)):
+            impls[label] = make(backend)
+    # Rounds over all implementations, in alternating order: our kernel's time moved 678-1177 us between processes
+    # of the 2026-11-29 lease while SDPA's moved < 1%, so each round's number is kept to show the spread in one run.
+    rounds: dict[str, list] = {label: [] for label in impls}
+    for r in range(3 if dev == "cuda" else 1):
+        for label, fn in (impls.items() if r % 2 == 0 else reversed(impls.items())):
+            if rounds[label] and rounds[label][-1] is None:
+                continue
             try:
-                times[label] = bench(make(backend))
+                rounds[label].append(bench(fn))
             except RuntimeError as e:  # a backend that does not take this shape or device
-                times[label] = None
+                rounds[label].append(None)
                 print(f"{label}: n/a ({str(e).splitlines()[0][:100]})", flush=True)
+    times = {label: None if None in ts else sorted(ts)[len(ts) // 2] for label, ts in rounds.items()}
     flops = 3.5 * 4 * B * H * N * N * d  # forward 4·B·H·N²·d, backward 2.5x (FlashAttention's convention)
     nbytes = 12 * B * H * N * d * qkv.element_size()  # fwd reads q,k,v writes o; bwd reads q,k,v,o,dO writes dq,dk,dv
     floor = nbytes / (env.get("copy_tbps") or float("nan")) / 1e12
     rows = [dict(impl=k, us=None if t is None else t * 1e6, tflops=None if t is None else flops / t / 1e12,
-                 tbps=None if t is None else nbytes / t / 1e12) for k, t in times.items()]  # fmt: skip
+                 tbps=None if t is None else nbytes / t / 1e12,
+                 rounds_us=[None if x is None else round(x * 1e6, 1) for x in rounds[k]]) for k, t in times.items()]
     with_copies = [t for k, t in times.items() if "copies" in k and t is not None]
     bare_times = [t for k, t in times.items() if "bare" in k and t is not None]
     t_ours = times["triton (packed qkv)"]
@@ -583,12 +601,14 @@ def part_speed(sz: Sizes, report: Report, kind: str, reserve: float = 0.0) -> di
             continue
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the official recipe's
         t0 = time.monotonic()
+        if sz.device == "cuda":  # the peak includes the capture: a graph's private memory pool stays allocated
+            torch.cuda.reset_peak_memory_stats()
         try:
             fn, model = make(sz, v)
             fn()  # first call: compilation and capture
             sync(sz.device)
             first = time.monotonic() - t0
-            t = timed(fn, sz.warmup, sz.iters, sz.device)
+            t = timed(fn, sz.warmup, sz.iters, sz.device, reset_peak=False)
         except Exception as e:
             rows.append(dict(variant=v.name, status=f"failed: {type(e).__name__}: {str(e)[:300]}"))
             print(f"{v.name}: FAILED\n{traceback.format_exc()}", flush=True)
@@ -715,10 +735,11 @@ def part_pairs(sz: Sizes, report: Report) -> dict:
         t = timed(lambda run=run, name=name: images.__setitem__(name, run()), 0, 1, sz.device)
         rows.append(dict(setting=name, status="ok", seconds=t["seconds"], pairs_per_s=len(seeds) / t["seconds"],
                          peak_gib=t["peak_gib"]))  # fmt: skip
-    ref_name = next(iter(settings))
-    ref = images[ref_name]
+    # Errors against the strict fp32 pairs; speed against EDM as its generate.py runs (torch's defaults, under which
+    # cuDNN convolutions use TF32): the faster, honest base of the ratio.
+    ref = images[next(iter(settings))]
     rms = ref.pow(2).mean().sqrt().item()
-    base = rows[0]["seconds"]
+    base = rows[1]["seconds"]
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -729,7 +750,7 @@ def part_pairs(sz: Sizes, report: Report) -> dict:
         print(f"{row['setting']:60s} {row['pairs_per_s']:8.1f} pairs/s {row['speedup']:.2f}x "
               f"rms diff {row['rms_diff']:.2e} max {row['max_abs_diff']:.2e}", flush=True)  # fmt: skip
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    accepted = [r for r in rows if r["status"] == "ok" and r["within_bound"] and r is not rows[0]]
+    accepted = [r for r in rows if r["status"] == "ok" and r["within_bound"] and r not in rows[:2]]
     best = max(accepted, key=lambda r: r["pairs_per_s"], default=None)
     return dict(batch=len(seeds), steps=steps, image_rms=rms, rms_bound=PAIRS_RMS_BOUND, rows=rows, best=best)
 
@@ -840,7 +861,7 @@ def headline(doc: dict) -> list[list[str]]:
             b = d.get("best") or {}
             sp, pps = b.get("speedup"), b.get("pairs_per_s")
             rows.append([name, "ok", f"best within the error bound: {b.get('setting')}: {fmt(pps, '.0f')} pairs/s, "
-                         f"{fmt(sp)}x EDM fp32, rms diff {fmt(b.get('rms_diff'), '.1e')}",
+                         f"{fmt(sp)}x EDM's fp32 path, rms diff {fmt(b.get('rms_diff'), '.1e')}",
                          f">= {GOALS['pairs_speedup']}x: {goal(sp, GOALS['pairs_speedup'])}; >= "
                          f"{GOALS['pairs_per_s']}/s: {goal(pps, GOALS['pairs_per_s'])}"])
         elif name == "nccl":
@@ -877,13 +898,15 @@ def markdown_report(doc: dict) -> str:
     d = (parts.get("attention") or {}).get("data")
     if d:
         out += ["", f"## attention fwd+bwd {d['shape']}; memory floor {fmt(d['floor_us'], '.1f')} us", "", md_table(
-            ["impl", "us", "TFLOP/s", "TB/s"],
-            [[r["impl"], fmt(r["us"], ".1f"), fmt(r["tflops"], ".0f"), fmt(r["tbps"])] for r in d["rows"]])]
+            ["impl", "us (median of rounds)", "rounds us", "TFLOP/s", "TB/s"],
+            [[r["impl"], fmt(r["us"], ".1f"), ", ".join(map(str, r.get("rounds_us") or [])), fmt(r["tflops"], ".0f"),
+              fmt(r["tbps"])] for r in d["rows"]])]
     d = (parts.get("pairs") or {}).get("data")
     if d:
         out += ["", f"## pairs: EDM CIFAR-10 DDPM++ (random weights), batch {d['batch']}, {d['steps']} steps; "
                 f"accepted RMS error {d['rms_bound']:.2e} (image RMS {d['image_rms']:.3f})", "", md_table(
-                    ["setting", "pairs/s", "vs EDM fp32", "peak GiB", "RMS diff", "max abs diff", "status"],
+                    ["setting", "pairs/s", "vs EDM (torch defaults)", "peak GiB", "RMS diff vs strict fp32",
+                     "max abs diff", "status"],
                     [[r["setting"], fmt(r.get("pairs_per_s"), ".1f"), fmt(r.get("speedup")),
                       fmt(r.get("peak_gib"), ".1f"), fmt(r.get("rms_diff"), ".1e"), fmt(r.get("max_abs_diff"), ".1e"),
                       r["status"]]
