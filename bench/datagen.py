@@ -42,7 +42,7 @@ def run_generate(outdir: Path, *args: str) -> float:
 
 
 def cifar10_random_teacher(directory: Path) -> str:
-    """The EDM CIFAR-10 DDPM++ network (EDM.md 2.5, uncond) with random weights, saved as a converted teacher.
+    """The EDM CIFAR-10 DDPM++ network (docs/EDM.md 2.5, uncond) with random weights, saved as a converted teacher.
 
     Every parameter is redrawn (the official init zeroes some output layers, which would hide precision errors)."""
     net = EDMPrecond(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", augment_dim=9,

@@ -7,24 +7,20 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from get.images import save_image_grid
 from get.models import GET, GET_models
-from get.training import (
+from get.seeds import rank_seed
+from get.training.checkpoints import (
     CheckpointMismatchError,
-    NonFiniteGuard,
-    StatsLogger,
-    Throughput,
-    TrainingDivergedError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    plot_loss_curve,
     prepare_run_dir,
-    rank_seed,
-    read_stats,
     save_checkpoint,
-    save_image_grid,
-    update_ema,
 )
+from get.training.guards import NonFiniteGuard, TrainingDivergedError
+from get.training.logs import StatsLogger, Throughput, plot_loss_curve, read_stats
+from get.training.modules import update_ema
 
 
 class Tiny(nn.Module):

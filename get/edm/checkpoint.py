@@ -1,4 +1,4 @@
-"""Official EDM checkpoints: names -> URLs and cache, a safe reader for their pickles, safetensors conversion.
+"""Official EDM checkpoints: names -> URLs and cache, a safe reader for their pickles (docs/EDM.md).
 
 Cache. Official names (``OFFICIAL_CHECKPOINTS``) are downloaded once into ``<cache>/edm/<name>.pkl``, where
 ``<cache>`` is ``$GET_CACHE`` if set, else ``$XDG_CACHE_HOME/get``, else ``~/.cache/get``. To run offline, put the
@@ -6,7 +6,7 @@ file there yourself.
 
 Safety. The official ``.pkl`` files are snapshots of ``torch_utils.persistence``: every network object carries the
 full Python source of its defining module, which EDM's own loader ``exec``s. :func:`read_edm_pickle` never does: it
-unpickles with an exact allowlist of globals (spec/EDM.md §8), turns every persistent object into an inert
+unpickles with an exact allowlist of globals (docs/EDM.md), turns every persistent object into an inert
 :class:`EDMRecord` (the embedded source is only hashed), reads the nested storage blobs with
 ``torch.load(weights_only=True)``, and refuses anything else with :class:`UnsafePickleError` naming the global,
 before importing or calling it. :func:`load_edm` then builds *our* class from the recorded class name and
@@ -19,7 +19,6 @@ import collections
 import hashlib
 import inspect
 import io
-import json
 import os
 import pickle
 import urllib.error
@@ -30,16 +29,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from get.edm.networks import NETWORKS
 from get.edm.precond import PRECONDITIONERS
-from get.io import save_safetensors, write_json
 
 __all__ = [
     "OFFICIAL_CHECKPOINTS", "cache_dir", "resolve_checkpoint", "download", "UnsafePickleError", "EDMRecord",
-    "read_edm_pickle", "state_dict_from_record", "load_edm", "save_teacher", "load_converted",
+    "read_edm_pickle", "state_dict_from_record", "load_edm", "load_state_dict_strict",
 ]
 
 _CDN = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
@@ -362,11 +359,11 @@ def build_from_record(record: EDMRecord):
     unknown = sorted(set(kwargs) - _allowed_kwargs(record.class_name, model_type))
     if unknown:
         raise ValueError(f"{record.class_name}({model_type}): unsupported constructor argument(s) {unknown}")
-    with torch.device("meta"):  # no memory, no random init: the weights are assigned by _load_strict
+    with torch.device("meta"):  # no memory, no random init: the weights are assigned by load_state_dict_strict
         return PRECONDITIONERS[record.class_name](**kwargs)
 
 
-def _load_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
+def load_state_dict_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
     """Strict load with a readable error; returns the keys that were converted to the expected dtype. Tensors are
     assigned (not copied), so ``net`` may have been built on the 'meta' device."""
     expected = net.state_dict()
@@ -411,51 +408,8 @@ def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None
         raise UnsafePickleError(f"{path}: expected a snapshot dict with key {key!r}, got {got}")
     record = data[key]
     net = build_from_record(record)
-    converted = _load_strict(net, state_dict_from_record(record), str(path))
+    converted = load_state_dict_strict(net, state_dict_from_record(record), str(path))
     net.name = name or path.name.removesuffix(".pkl")
     net.source = {"file": path.name, "sha256": sha.hexdigest(), "module_src_sha256": record.module_src_sha256,
                   "converted_dtypes": converted}
     return net.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Our own format: safetensors + JSON.
-
-_FORMAT = "get-teacher"
-
-
-def save_teacher(teacher, directory: str | Path) -> Path:
-    """Writes ``model.safetensors`` (the state dict) and ``config.json`` (class, constructor keywords, name, hashes)
-    into ``directory`` atomically; ``load_teacher(directory)`` rebuilds the teacher without any pickle."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    identity = teacher.identity()
-    config = {"format": _FORMAT, "version": 1, "name": identity["name"], **identity["config"],
-              "sha256": identity["sha256"], "source": getattr(teacher, "source", None)}
-    save_safetensors(directory / "model.safetensors", teacher.state_dict())
-    write_json(directory / "config.json", config)
-    return directory
-
-
-def load_converted(directory: str | Path):
-    """Reads a folder written by :func:`save_teacher`, verifying the weights' sha256."""
-    from get.teachers import MixtureTeacher, tensors_sha256  # noqa: PLC0415  (get.teachers imports this module)
-
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory}: a converted teacher needs config.json and model.safetensors")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != _FORMAT:
-        raise ValueError(f"{config_path}: format is {config.get('format')!r}, expected {_FORMAT!r}")
-    classes = {**PRECONDITIONERS, "MixtureTeacher": MixtureTeacher}
-    if config.get("class_name") not in classes:
-        raise ValueError(f"{config_path}: unknown class_name {config.get('class_name')!r}; known: {sorted(classes)}")
-    with torch.device("meta" if config["class_name"] in PRECONDITIONERS else "cpu"):
-        teacher = classes[config["class_name"]](**{**config["kwargs"], "name": config["name"]})
-    tensors = load_file(str(weights_path))
-    if tensors_sha256(tensors) != config["sha256"]:
-        raise ValueError(f"{weights_path}: sha256 of the weights does not match config.json (corrupted file?)")
-    _load_strict(teacher, tensors, str(weights_path))
-    teacher.source = config.get("source")
-    return teacher.eval().requires_grad_(False)
