@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from get.distill import dmd
 from get.edm.precond import EDMPrecond
-from get.models import GET, GET_models
 from get.mixture import MixtureTeacher
+from get.models import GET, GET_models
 from get.teachers import save_teacher
 from get.training.logs import read_stats
 
