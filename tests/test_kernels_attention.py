@@ -182,7 +182,7 @@ def test_opcheck():
 
 
 def test_benchmark_counts_match_the_spec_table():
-    # docs/KERNELS.md, GET-S/2 at B = 128 (H 8, N 256, d 64, bf16): 17.2 GFLOP and 134 MB forward, 42.9 and 268 backward.
+    # GET-S/2 at B = 128 (H 8, N 256, d 64, bf16): 17.2 GFLOP and 134 MB forward, 42.9 and 268 backward.
     script = Path(__file__).parents[1] / "bench" / "kernel_speed.py"
     spec = importlib.util.spec_from_file_location("kernel_speed", script)
     bench = importlib.util.module_from_spec(spec)
