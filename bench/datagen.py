@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from get.data import PairDataset
-from get.edm import EDMPrecond, save_teacher
+from get.edm import EDMPrecond
+from get.teachers import save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ROOT / "data_gen" / "generate.py"
