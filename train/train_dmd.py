@@ -34,7 +34,7 @@ from get.distill import dmd
 from get.images import save_image_grid, to_uint8
 from get.losses import LOSSES, get_loss_fn, lpips_weight_paths
 from get.metrics import MixtureEvaluator, fid
-from get.models import GET, GET_models
+from get.models import GET, GET_models, count_parameters, create_model
 from get.seeds import derived_seed, draw_inputs, parse_seeds, rank_seed, seed_all
 from get.teachers import load_teacher
 from get.training.checkpoints import load_checkpoint, prepare_run_dir, save_checkpoint
@@ -71,8 +71,8 @@ def build_generator(args, ds, device):
     if args.generator is not None:
         model = GET.from_pretrained(args.generator, ema=args.generator_ema, **overrides)
     else:
-        model = GET_models[args.model](input_size=ds.resolution, in_channels=ds.channels,
-                                       num_classes=ds.label_dim if ds.conditional else 0, **overrides)
+        model = create_model(args.model, input_size=ds.resolution, in_channels=ds.channels,
+                             num_classes=ds.label_dim if ds.conditional else 0, **overrides)
     want = dict(input_size=ds.resolution, in_channels=ds.channels, num_classes=ds.label_dim)
     have = {k: model.config[k] for k in want}
     if have != want:
@@ -209,8 +209,8 @@ def main(args):
             z0_gen.manual_seed(rank_seed(args.seed + step, rank))
             seed_all(rank_seed(args.seed + 1 + step, rank))
         dist.print0(f"Resumed from {ckpt} at step {step}.")
-    dist.print0(f"{args.method.upper()}: GET {sum(p.numel() for p in g_params):,} parameters, fake score "
-                f"{sum(p.numel() for p in c_params):,} (with head); teacher {teacher.name}; {len(ds):,} pairs "
+    dist.print0(f"{args.method.upper()}: GET {count_parameters(model, trainable_only=True):,} parameters, fake "
+                f"score {count_parameters(critic):,} (with head); teacher {teacher.name}; {len(ds):,} pairs "
                 f"{ds.channels}x{ds.resolution}x{ds.resolution}; batch {args.bs} = world {world} x {per_rank}; "
                 f"fake warm-up {fake_warmup} iterations; run {run_dir}")
 

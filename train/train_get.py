@@ -22,7 +22,7 @@ from get import dist
 from get.data import EpochSampler, PairDataset, PairSettings, micro_batches
 from get.images import save_image_grid
 from get.losses import LOSSES, fp_correction, get_loss_fn
-from get.models import GET_models
+from get.models import GET_models, count_parameters, create_model
 from get.seeds import draw_inputs, parse_seeds, rank_seed
 from get.training.checkpoints import load_checkpoint, prepare_run_dir, save_checkpoint
 from get.training.cli import add_common_arguments, check_common_arguments
@@ -40,10 +40,9 @@ DEFAULT_DATA = "data/pairs/edm-cifar10-32x32-uncond-vp"  # data_gen/generate.py'
 def build_models(args, ds, device):
     """The trained model and its EMA copy (built anew, as torchdeq-normed modules cannot be deep-copied)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
-    deq = {"mem": True} if args.mem else None
-    model = GET_models[args.model](input_size=ds.resolution, in_channels=ds.channels,
-                                   num_classes=ds.label_dim if ds.conditional else 0, backend=args.backend,
-                                   deq=deq).to(device)
+    deq = {"deq": {"mem": True}} if args.mem else {}  # a GET option (the ViT baseline has no solve)
+    model = create_model(args.model, input_size=ds.resolution, in_channels=ds.channels,
+                         num_classes=ds.label_dim if ds.conditional else 0, backend=args.backend, **deq).to(device)
     model.check_finite = False  # the loop checks finiteness itself, once per step, on every rank alike
     ema = type(model)(**model.config).to(device)
     ema.load_state_dict(model.state_dict())
@@ -111,7 +110,8 @@ def main(args):
             z0_gen.manual_seed(rank_seed(args.seed + step, rank))
         dist.print0(f"Resumed from {ckpt} at step {step} (epoch {sampler.epoch}).")
     kind = "conditional" if ds.conditional else "unconditional"
-    dist.print0(f"GET {args.model}: {sum(p.numel() for p in params):,} trainable parameters; {len(ds):,} {kind} pairs "
+    dist.print0(f"GET {args.model}: {count_parameters(model, trainable_only=True):,} trainable parameters; "
+                f"{len(ds):,} {kind} pairs "
                 f"{ds.channels}x{ds.resolution}x{ds.resolution}; world {world} x micro-batch {micro_bs} x {accum} "
                 f"accumulation = batch {args.bs}; run {run_dir}")
 
