@@ -1,4 +1,5 @@
-"""Noise/image pair data sets: shard writer, manifest, verification, a memory-mapped dataset and an epoch sampler.
+"""Noise/image pair data sets: their settings, shard writer, manifest, verification, a memory-mapped dataset, an epoch
+sampler and the training data order. Everything that reads or writes pairs goes through this module.
 
 Layout of a pair folder (written by ``data_gen/generate.py``):
 
@@ -8,9 +9,10 @@ Layout of a pair folder (written by ``data_gen/generate.py``):
   sigma_max), ``image`` (n, C, R, R) float32 or float16 (the raw, unclipped sampler output), ``seed`` (n,) int64 and,
   for conditional teachers, ``label`` (n,) int64. The safetensors metadata has one key, "get-pairs": a JSON string
   with the format, its version, the shard index, its seeds and the sha256 fingerprint of the data set's settings.
-- ``manifest.json``: format and version, the settings that define the data (teacher identity with its weight hash,
-  sampler, seeds, shard size, label policy, precision, generator device, tensor dtypes and shapes), then one entry per
-  shard (file, seeds, count, sha256; sha256 is null until the shard is written) and ``complete``.
+- ``manifest.json``: format and version, the settings that define the data (:class:`PairSettings`: teacher identity
+  with its weight hash, sampler, label policy, precision, generator device, tensor dtypes and shapes; plus the seeds
+  and the shard size), then one entry per shard (file, seeds, count, sha256; sha256 is null until the shard is
+  written) and ``complete``.
 
 Every file is written under a temporary name and renamed when complete (``get.io``).
 """
@@ -115,10 +117,12 @@ class SamplerSettings:
         return asdict(self)
 
     def to_dict(self) -> dict:
+        """The manifest's entry: the sampler's name and its keywords."""
         return {"name": self.NAME, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> SamplerSettings:
+        """Reads the manifest's entry ("inf" strings become float infinities)."""
         if d.get("name") != cls.NAME:
             raise PairDataError(f"settings: sampler {d.get('name')!r} is not {cls.NAME!r}")
         values = {}
@@ -637,6 +641,10 @@ class EpochSampler(torch.utils.data.Sampler):
                              f"{self.num_samples} samples")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The training data order.
+
+
 def micro_batches(ds, sampler, micro_bs: int, device: torch.device):
     """Endless micro-batches of this rank's slice of each epoch's permutation, from the sampler's position on.
 
@@ -644,8 +652,8 @@ def micro_batches(ds, sampler, micro_bs: int, device: torch.device):
     what training consumed. An epoch's last partial micro-batch is dropped.
 
     Args:
-        ds: a `get.data.PairDataset` (anything with `get_batch(indices) -> dict of tensors`).
-        sampler: its `get.data.EpochSampler`; save `sampler.state_dict()` in checkpoints for exact resume.
+        ds: a :class:`PairDataset` (anything with ``get_batch(indices) -> dict of tensors``).
+        sampler: its :class:`EpochSampler`; save ``sampler.state_dict()`` in checkpoints for exact resume.
         micro_bs: samples per micro-batch on this rank.
         device: where the batches go.
     """
@@ -656,5 +664,3 @@ def micro_batches(ds, sampler, micro_bs: int, device: torch.device):
             sampler.advance(micro_bs)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sampler.set_epoch(sampler.epoch + 1)
-
-

@@ -137,6 +137,12 @@ def test_vit_baseline_shapes():
     model = GET_models["ViT-B/2"](hidden_size=64, num_heads=2, depth=2, input_size=8, num_classes=4)
     out = model(torch.randn(2, 3, 8, 8), torch.tensor([0, 3]))
     assert out.shape == (2, 3, 8, 8) and len(model.trajectory(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))) == 1
+    # A ViT draws nothing: a z0 or a generator is refused, never silently ignored.
+    with pytest.raises(ValueError, match="z0"):
+        model(torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), z0=torch.zeros(2, 16, 64))
+    with pytest.raises(ValueError, match="generator"):
+        model.trajectory(torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), generator=torch.Generator())
+    assert model.input_spec.z0_shape is None and model.input_spec.label_dim == 4
 
 
 def test_determinism_with_generator():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 __all__ = ["edm_time_steps", "edm_sampler"]
 
+
 def edm_time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                    round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    device: torch.device | str = "cpu") -> torch.Tensor:
