@@ -352,6 +352,11 @@ class GET(_PatchTransformer):
         )
 
     @property
+    def num_states(self) -> int:
+        """How many decoded states ``trajectory`` returns (the ``grad`` tracked steps)."""
+        return self.deq_options["grad"]
+
+    @property
     def input_spec(self) -> InputSpec:
         """Per-sample inputs: the latent (C, R, R), the classes, and z0 (N, D); ``get.seeds.draw_inputs`` draws them."""
         tokens = (self.input_size // self.patch_size) ** 2
@@ -450,6 +455,8 @@ class ViT(_PatchTransformer):
     @property
     def config(self) -> dict:
         return self._shared_config()
+
+    num_states = 1  # trajectory returns the one output
 
     @property
     def input_spec(self) -> InputSpec:

@@ -192,3 +192,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     saved = _tensors(ckpt / "model.safetensors")
     for name, p in model.named_parameters():
         torch.testing.assert_close(saved[name], p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_vit_baseline_trains(tmp_path):
+    # The paper's ViT baseline goes through the same loop: one state, no z_0 and no fixed-point residuals.
+    stats = run(make_pairs(tmp_path / "pairs", label_dim=3), tmp_path / "run", "--model", "ViT-B/2", steps=2)
+    assert [s["step"] for s in stats] == [1, 2] and "loss_state1" in stats[-1]
+    assert not any(k.startswith("residual") for k in stats[-1])
+    assert (tmp_path / "run" / "checkpoints" / "0000002" / "ema.safetensors").is_file()

@@ -123,7 +123,7 @@ def main(args):
     logger = StatsLogger(run_dir, start_step=step)
     meter = Throughput()
     data = micro_batches(ds, sampler, micro_bs, device)
-    n_states = model.deq_options["grad"]
+    n_states = model.num_states
     sums = torch.zeros(2 + 2 * n_states, device=device, dtype=torch.float64)  # loss, grad norm, states, residuals
     n_ok = 0
 
@@ -150,7 +150,8 @@ def main(args):
             (loss / accum).backward()
             loss_sum += loss.detach() / accum
             states_sum += per_state / accum
-            resid_sum += info["abs_trace"].float().mean(dim=0) / accum
+            if "abs_trace" in info:  # the fixed-point residuals of a GET (a ViT has no solve)
+                resid_sum += info["abs_trace"].float().mean(dim=0) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
         ok_local = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         ok = bool(dist.all_mean(ok_local.double()) == 1)  # one host sync per step: every rank takes the same branch
@@ -174,7 +175,8 @@ def main(args):
                 means = (dist.all_mean(sums) / n_ok).tolist()
                 stats.update(loss=means[0], grad_norm=means[1], loss_last=means[1 + n_states])
                 stats.update({f"loss_state{k + 1}": v for k, v in enumerate(means[2:2 + n_states])})
-                stats.update({f"residual{k + 1}": v for k, v in enumerate(means[2 + n_states:])})
+                if model.input_spec.z0_shape is not None:  # a model with an equilibrium solve
+                    stats.update({f"residual{k + 1}": v for k, v in enumerate(means[2 + n_states:])})
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['img_per_s']:.1f}")
             logger.log(step, stats)
             sums.zero_()
