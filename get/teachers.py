@@ -68,7 +68,6 @@ class Teacher(Protocol):
 # ------------------------------------------------------------------------------------------------------------------
 # The converted-teacher format: safetensors + JSON.
 
-
 _FORMAT = "get-teacher"
 
 
