@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from get.data import PairDataset
-from get.edm import EDMPrecond, save_teacher
+from get.edm import EDMPrecond
+from get.teachers import save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ROOT / "data_gen" / "generate.py"
@@ -42,7 +43,8 @@ def run_generate(outdir: Path, *args: str) -> float:
 
 
 def random_cifar10_network(**overrides) -> EDMPrecond:
-    """The EDM CIFAR-10 DDPM++ network (uncond, VP config) with random weights; keywords override the architecture.
+    """The EDM CIFAR-10 DDPM++ network (docs/EDM.md, uncond VP config) with random weights; keywords override the
+    architecture.
 
     Every parameter is redrawn (the official init zeroes some output layers, which would hide precision errors)."""
     kwargs = dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", augment_dim=9,

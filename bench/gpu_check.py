@@ -5,7 +5,7 @@ Parts, run in this order, each with its own status (ok / failed / skipped) so th
   env         device, driver, versions, date; the two ceilings measured here (a large bf16 matmul, a large
               device-to-device copy), against which every speed below is read
   ops         each Triton op against a float64 reference at GET-B/2 shapes (bf16 and fp32, outputs and every input
-              gradient), judged by kernels.testing's criterion (ours <= 2 x PyTorch's same-precision error + floor)
+              gradient), judged by get_kernels.testing's criterion (ours <= 2 x PyTorch's same-precision error + floor)
   model       a whole GET-B/2 training step (loss and every parameter gradient) and evaluation, triton backend vs
               torch backend, each against a float64 model, bf16 autocast and fp32 (TF32 off)
   attention   packed-QKV attention forward+backward at GET-B/2 shapes (B 128, N 256, H 12, d 64, bf16) against every
@@ -239,7 +239,7 @@ def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def compare_three(names, ours, theirs, ref64, floor: float) -> tuple[list[dict], bool]:
-    """Per tensor: max errors of ours and of PyTorch's same-precision result against float64, the kernels.testing
+    """Per tensor: max errors of ours and of PyTorch's same-precision result against float64, the get_kernels.testing
     criterion (ours <= 2 x torch's + floor x max(1, max|ref|)), and relative-norm errors."""
     rows, ok = [], True
     for name, a, t, r in zip(names, ours, theirs, ref64):
@@ -253,9 +253,9 @@ def compare_three(names, ours, theirs, ref64, floor: float) -> tuple[list[dict],
 
 
 def part_ops(sz: Sizes) -> dict:
-    from kernels import get_ops, reference
-    from kernels.testing import outputs_and_grads
-    from kernels.utils import poison_outputs
+    from get_kernels import get_ops, reference
+    from get_kernels.testing import outputs_and_grads
+    from get_kernels.utils import poison_outputs
 
     ops = get_ops("triton")
     dev = sz.device
@@ -395,8 +395,8 @@ def part_model(sz: Sizes) -> dict:
 def part_attention(sz: Sizes, env: dict) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels import reference
-    from kernels.attention import attention
+    from get_kernels import reference
+    from get_kernels.attention import attention
 
     B, N, H, d = sz.attention
     dtype = sz.lowp
@@ -694,11 +694,12 @@ def part_profile(sz: Sizes) -> dict:
 def part_pairs(sz: Sizes, report: Report) -> dict:
     from datagen import random_cifar10_network
 
-    from get.edm.sampler import edm_sampler, seed_inputs
+    from get.edm.sampler import edm_sampler
+    from get.seeds import draw_inputs
 
     net = random_cifar10_network(**sz.pairs_net).to(sz.device).eval()
     seeds = list(range(sz.pairs_batch))
-    latents, _ = seed_inputs(seeds, net, device=sz.device)  # (B, C, R, R)
+    latents = draw_inputs(seeds, net, rng_device=sz.device).latents  # (B, C, R, R)
     steps = 18 if sz.device == "cuda" else 3
 
     def setting(matmul_tf32, cudnn_tf32, lowp):

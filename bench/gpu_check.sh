@@ -21,6 +21,8 @@ SITE=${GET_CHECK_SITE:-/tmp/get-check-site}
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
+mkdir -p "$SITE"
+ln -sfn "$PWD/kernels" "$SITE/get_kernels"  # the import name pyproject.toml gives the kernels/ folder when installed
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 exec python3 bench/gpu_check.py --out "$OUT" "$@"

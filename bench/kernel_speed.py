@@ -1,10 +1,10 @@
 """Triton kernels vs PyTorch on one NVIDIA GPU: attention against every SDPA backend, and whole GET-B/2 steps.
 
 Table 1, attention at GET shapes (d = 64, random bf16 inputs): time of the forward and of forward+backward for our
-packed-QKV kernel and for the torch path (`kernels.reference.attention`: SDPA plus its layout copies) with each SDPA
+packed-QKV kernel and for the torch path (`get_kernels.reference.attention`: SDPA plus its layout copies) with each SDPA
 backend forced (flash, efficient, cudnn, math); TFLOP/s (forward 4·B·H·N²·d, backward 2.5x that) and GB/s (forward
 reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv), their share of the H100's measured
-798 TFLOP/s and 3.0 TB/s (KERNELS.md §1), and the speedup over the best SDPA backend. Timer: triton.testing.do_bench
+798 TFLOP/s and 3.0 TB/s (docs/KERNELS.md), and the speedup over the best SDPA backend. Timer: triton.testing.do_bench
 (median, L2 flushed before each call).
 
 Table 2, GET-B/2 (32x32x3, unconditional, randomised weights, bf16 autocast by default): a training step (6 unrolled
@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-PEAK_TFLOPS = 798.0  # bf16 matmul 8192^3, measured on the project's H100 (KERNELS.md §1)
+PEAK_TFLOPS = 798.0  # bf16 matmul 8192^3, measured on the project's H100 (docs/KERNELS.md)
 PEAK_GBPS = 3000.0  # device-to-device copy, read + write, same machine
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 GOALS = dict(attention_speedup=1.3, train_speedup_eager=1.5, sample_images_per_s=2400, train_images_per_s=650)
@@ -81,7 +81,7 @@ def environment() -> str:
 
 def accuracy_cases(device: str):
     """(op name, shape label, triton fn, torch fn, input tensors, output names, gradient names) at the tests' shapes."""
-    from kernels import get_ops, reference
+    from get_kernels import get_ops, reference
 
     ops = get_ops("triton")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
@@ -110,8 +110,8 @@ def accuracy_cases(device: str):
 
 
 def bench_accuracy(device: str) -> None:
-    from kernels.testing import max_error, outputs_and_grads
-    from kernels.utils import poison_outputs
+    from get_kernels.testing import max_error, outputs_and_grads
+    from get_kernels.utils import poison_outputs
 
     worst = {}  # (op, dtype, tensor) -> [ours, torch's, worst ratio]
     with poison_outputs():  # an element a kernel never writes stays NaN and shows up as an infinite error
@@ -143,17 +143,17 @@ def sdpa_backend(name: str):
 
 
 def sdpa_attention(qkv: torch.Tensor, backend) -> torch.Tensor:
-    """The torch path (`kernels.reference.attention`) with one SDPA backend forced."""
+    """The torch path (`get_kernels.reference.attention`) with one SDPA backend forced."""
     from torch.nn.attention import sdpa_kernel
 
-    from kernels import reference
+    from get_kernels import reference
 
     with sdpa_kernel(backend):
         return reference.attention(qkv)
 
 
 def attention_impls() -> dict:
-    from kernels.attention import attention
+    from get_kernels.attention import attention
 
     impls = {"triton": attention}
     for name in SDPA_BACKENDS:

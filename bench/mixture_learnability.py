@@ -36,8 +36,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from get.edm.sampler import edm_sampler, seed_inputs
-from get.teachers import MixtureTeacher
+from get.edm.sampler import edm_sampler
+from get.mixture import MixtureTeacher
+from get.seeds import draw_inputs
 
 CANDIDATES = {
     "demo": dict(preset="demo"),
@@ -57,7 +58,7 @@ CANDIDATES = {
 def make_pairs(teacher: MixtureTeacher, seeds: range, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     zs, xs = [], []
     for start in range(seeds.start, seeds.stop, batch):
-        z, _ = seed_inputs(range(start, min(start + batch, seeds.stop)), teacher)
+        z = draw_inputs(range(start, min(start + batch, seeds.stop)), teacher).latents
         xs.append(edm_sampler(teacher, z).reshape(z.shape[0], -1))
         zs.append(z.double().reshape(z.shape[0], -1))
     return torch.cat(zs), torch.cat(xs)

@@ -35,11 +35,14 @@ import torch
 
 from get import metrics
 from get.data import PairDataset
-from get.edm.sampler import edm_sampler, seed_inputs
+from get.edm.sampler import edm_sampler
+from get.images import save_image_grid
 from get.io import write_json
+from get.mixture import MIXTURE_SPECS
 from get.models import GET, GET_models, ViT
-from get.teachers import MIXTURE_SPECS, load_teacher
-from get.training import latest_checkpoint, save_image_grid
+from get.seeds import SeedInputs, draw_inputs
+from get.teachers import load_teacher
+from get.training.checkpoints import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NONE = "—"
@@ -110,15 +113,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_batches(fn, inputs: list[tuple], device: torch.device) -> tuple[torch.Tensor, float]:
-    """Concatenated fn(*batch) on the CPU in float64, and the wall time of the calls (after one warm-up call)."""
+def timed_batches(fn, inputs: SeedInputs, batch: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """fn(latents, labels, z0) over batches of the seeds' inputs, concatenated on the CPU in float64, and the wall
+    time of the calls (after one warm-up call)."""
+    take = lambda t, a, b: None if t is None else t[a:b]
+    batches = [(inputs.latents[i:i + batch], take(inputs.labels, i, i + batch), take(inputs.z0, i, i + batch))
+               for i in range(0, len(inputs.seeds), batch)]
     with torch.no_grad():
-        fn(*(x[:2] if x is not None else None for x in inputs[0]))  # warm-up: lazy init, kernel selection
+        fn(*(take(x, 0, 2) for x in batches[0]))  # warm-up: lazy init, kernel selection
         _sync(device)
         start = time.perf_counter()
-        outs = [fn(*batch) for batch in inputs]
+        outs = [fn(*b) for b in batches]
         _sync(device)
     return torch.cat([o.double().cpu() for o in outs]), time.perf_counter() - start
+
+
+def one_step_samples(model, inputs: SeedInputs, batch: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The model's samples of the seeds (get.seeds: each seed's latent, label and z_0), and their wall time."""
+    return timed_batches(lambda z, y, z0: model(z, y, z0=z0), inputs, batch, device)
 
 
 def training_data(ds: PairDataset, batch: int = 4096):
@@ -152,15 +164,16 @@ def evaluate(args, pairs_dir: Path, run_dir: Path) -> list[dict]:
     device = torch.device(args.device)
     teacher = load_teacher(args.teacher, device)
     ds = PairDataset(pairs_dir)
-    settings = ds.manifest["settings"]
-    sampler = {k: v for k, v in settings["sampler"].items() if k != "name"}
-    sampler["S_max"] = float(sampler["S_max"])  # stored as the string "inf" in JSON
+    settings = ds.settings  # the held-out seeds are drawn as the pairs were (label policy, generator device)
     seeds = range(args.pairs, args.pairs + args.n_eval)
-    noise, labels = seed_inputs(seeds, teacher, settings["rng_device"], settings["labels"] or "random")
-    noise = noise.to(device)
-    labels = None if labels is None else labels.to(device)
-    batches = [(noise[i:i + args.eval_batch], None if labels is None else labels[i:i + args.eval_batch])
-               for i in range(0, len(noise), args.eval_batch)]
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise SystemExit(f"{run_dir}: no checkpoint; did training fail?")
+    cls = ViT if args.model.startswith("ViT") else GET
+    model = cls.from_pretrained(ckpt, ema=True, map_location=device).eval()
+    inputs = draw_inputs(seeds, model, label_policy=settings.label_policy, rng_device=settings.rng_device,
+                         device=device)
+    noise, labels = inputs.latents, inputs.labels
     labels_cpu = None if labels is None else labels.cpu()
 
     print(f"\n== evaluation: {args.n_eval} held-out seeds {seeds.start}-{seeds.stop - 1} on {device}", flush=True)
@@ -179,18 +192,13 @@ def evaluate(args, pairs_dir: Path, run_dir: Path) -> list[dict]:
     add("exact samples", NONE, exact.cpu(), time.perf_counter() - start)
 
     # The teacher's ODE: the targets.
-    steps = sampler["num_steps"]
-    ode = lambda z, y: edm_sampler(teacher, z, y, randn_like=torch.zeros_like, **sampler)  # noqa: E731
-    targets, seconds = timed_batches(ode, batches, device)
+    steps = settings.sampler.num_steps
+    ode = lambda z, y, z0: edm_sampler(teacher, z, y, randn_like=torch.zeros_like, **settings.sampler.kwargs())
+    targets, seconds = timed_batches(ode, inputs, args.eval_batch, device)
     add(f"teacher ODE ({steps} Heun steps)", 2 * steps - 1, targets, seconds, targets)
 
     # The GET (EMA weights of the latest checkpoint).
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise SystemExit(f"{run_dir}: no checkpoint; did training fail?")
-    cls = ViT if args.model.startswith("ViT") else GET
-    model = cls.from_pretrained(ckpt, ema=True, map_location=device).eval()
-    samples, seconds = timed_batches(lambda z, y: model(z, y), batches, device)
+    samples, seconds = one_step_samples(model, inputs, args.eval_batch, device)
     add(f"{args.model} (EMA, step {int(ckpt.name)})", 1, samples, seconds, targets)
 
     # Trivial baselines from the training pairs.

@@ -10,7 +10,7 @@ Examples:
 
 (torchrun's own parser takes ``--nproc`` for its ``--nproc-per-node``: after torchrun, put ``--`` before it.)
 
-Pair k of the data set is a function of seed k only (see get/edm/sampler.py), and shard j always holds the same
+Pair k of the data set is a function of seed k only (see get/seeds.py), and shard j always holds the same
 seeds, so the folder is the same whatever the number of processes or the batch size. Rerunning the same command
 after a crash keeps every shard whose checksum matches the manifest and generates the rest. Output format: get/data.py.
 """
@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from get import data, dist
-from get.edm.sampler import StackedRandomGenerator, edm_sampler, parse_seeds, seed_inputs
+from get.edm.sampler import edm_sampler
+from get.images import pair_grid, save_image_grid
+from get.seeds import draw_inputs, parse_seeds
 from get.teachers import load_teacher
-from get.training import save_image_grid
 
 # Rows are evaluated in groups of 8: a row then always takes the vectorised path of CPU kernels, never a scalar
 # remainder loop that rounds differently, so a pair does not depend on the batch it was computed in.
@@ -85,21 +86,15 @@ def default_outdir(teacher: str) -> Path:
     return Path("data/pairs") / Path(teacher.rstrip("/")).name.removesuffix(".pkl")
 
 
-def pair_settings(teacher, args) -> dict:
-    """Everything besides the seeds that decides the pairs (compared on resume)."""
-    conditional = teacher.label_dim > 0
-    return {
-        "teacher": teacher.identity(),
-        "sampler": {"name": "edm_heun", "num_steps": args.steps, "sigma_min": args.sigma_min,
-                    "sigma_max": args.sigma_max, "rho": args.rho, "S_churn": args.S_churn, "S_min": args.S_min,
-                    "S_max": args.S_max, "S_noise": args.S_noise},
-        "labels": args.labels if conditional else None,
-        "label_dim": teacher.label_dim,
-        "precision": args.precision,
-        "rng_device": torch.device(args.device_used).type,  # CPU and CUDA generators give different streams
-        "tensors": data.tensor_spec(teacher.channels, teacher.resolution, teacher.label_dim,
-                                    "float16" if args.image_dtype == "fp16" else "float32"),
-    }
+def pair_settings(teacher, args, device: torch.device) -> data.PairSettings:
+    """Everything besides the seeds that decides the pairs (compared on resume), from the command line."""
+    sampler = data.SamplerSettings(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                                   rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                                   S_noise=args.S_noise)
+    # The generators live on the compute device, as in EDM: CPU and CUDA generators give different streams.
+    return data.PairSettings.for_teacher(teacher, sampler, label_policy=args.labels, precision=args.precision,
+                                         rng_device=device.type,
+                                         image_dtype="float16" if args.image_dtype == "fp16" else "float32")
 
 
 def set_precision(precision: str) -> None:
@@ -108,37 +103,31 @@ def set_precision(precision: str) -> None:
     torch.backends.cudnn.benchmark = False  # the fastest algorithm may change from run to run
 
 
-def sample_rows(teacher, seeds: list[int], args, device: torch.device):
+def sample_rows(teacher, seeds: list[int], settings: data.PairSettings, device: torch.device):
     """Latents (B, C, R, R) float32, images (B, C, R, R) float64 and labels (B,) int64 or None for a list of seeds."""
-    latents, labels = seed_inputs(seeds, teacher, device, args.labels)
-    randn_like = torch.zeros_like  # with S_churn = 0 the sampler multiplies its noise by zero
-    if args.S_churn > 0:
-        # Continue each seed's generator after its latent (and random label), as EDM's generate.py does.
-        rnd = StackedRandomGenerator(device, seeds)
-        if not torch.equal(rnd.randn(latents.shape), latents):
-            raise RuntimeError("seed_inputs no longer draws the latent first from each seed's generator")
-        if labels is not None and args.labels == "random":
-            rnd.randint(teacher.label_dim, size=[len(seeds)])
-        randn_like = rnd.randn_like
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        images = edm_sampler(teacher, latents, labels, randn_like=randn_like, num_steps=args.steps,
-                             sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
-                             S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
-    return latents, images, labels
+    inputs = draw_inputs(seeds, teacher, label_policy=settings.label_policy,
+                         rng_device=settings.rng_device, device=device)
+    # With S_churn = 0 the sampler multiplies its noise by zero; else each seed's generator continues (EDM's order).
+    randn_like = inputs.noise.randn_like if settings.sampler.S_churn > 0 else torch.zeros_like
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+        images = edm_sampler(teacher, inputs.latents, inputs.labels, randn_like=randn_like,
+                             **settings.sampler.kwargs())
+    return inputs.latents, images, inputs.labels
 
 
-def generate_shard(teacher, seeds: list[int], args, device: torch.device, progress) -> dict[str, torch.Tensor]:
-    """The tensors of one shard, computed in batches of --batch rows (padded to a multiple of ROW_GROUP)."""
-    step = max(ROW_GROUP, args.batch // ROW_GROUP * ROW_GROUP)
-    image_dtype = torch.float16 if args.image_dtype == "fp16" else torch.float32  # rounded once, from float64
+def generate_shard(teacher, seeds: list[int], settings: data.PairSettings, batch: int, device: torch.device,
+                   progress) -> dict[str, torch.Tensor]:
+    """The tensors of one shard, computed in batches of ``batch`` rows (padded to a multiple of ROW_GROUP)."""
+    step = max(ROW_GROUP, batch // ROW_GROUP * ROW_GROUP)
+    image_dtype = {"float16": torch.float16, "float32": torch.float32}[settings.tensors["image"]["dtype"]]
     parts = []
     for i in range(0, len(seeds), step):
         chunk = seeds[i:i + step]
         padded = chunk + [chunk[-1]] * (-len(chunk) % ROW_GROUP)  # the padding rows are dropped below
-        latents, images, labels = sample_rows(teacher, padded, args, device)
+        latents, images, labels = sample_rows(teacher, padded, settings, device)
         n = len(chunk)
         labels = None if labels is None else labels[:n].cpu()
-        parts.append((latents[:n].cpu(), images[:n].to(image_dtype).cpu(), labels))
+        parts.append((latents[:n].cpu(), images[:n].to(image_dtype).cpu(), labels))  # rounded once, from float64
         progress(n)
     tensors = {"noise": torch.cat([p[0] for p in parts]), "image": torch.cat([p[1] for p in parts]),  # (n, C, R, R)
                "seed": torch.tensor(seeds, dtype=torch.int64)}
@@ -195,7 +184,6 @@ def check_existing(outdir: Path, manifest: dict) -> list[int]:
 
 def main(args) -> int:
     device = dist.init(None if args.device == "auto" else args.device)
-    args.device_used = str(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     outdir = Path(args.outdir) if args.outdir else default_outdir(args.teacher)
     if args.verify:
@@ -212,7 +200,8 @@ def main(args) -> int:
         dist.barrier()
     shard_size = args.shard_size or default_shard_size(len(seeds))
     plan = data.shard_seeds(seeds, shard_size)
-    manifest = open_folder(outdir, data.new_manifest(pair_settings(teacher, args), seeds, shard_size))
+    settings = pair_settings(teacher, args, device)
+    manifest = open_folder(outdir, data.new_manifest(settings, seeds, shard_size))
     pending = check_existing(outdir, manifest)
     kept = len(plan) - len(pending)
     dist.print0(f"{outdir}: {len(plan)} shards of up to {shard_size} pairs; {kept} done and verified, "
@@ -227,7 +216,7 @@ def main(args) -> int:
         record = None
         if k is not None:
             # Rank 0 sees its own batches only: count them for every active rank (corrected after the round).
-            tensors = generate_shard(teacher, plan[k], args, device,
+            tensors = generate_shard(teacher, plan[k], settings, args.batch, device,
                                      lambda n, w=active: bar.update(min(n * w, todo - bar.n)))
             record = data.write_shard(outdir, manifest, k, tensors)
         records = [r for r in dist.all_gather_object(record) if r is not None]
@@ -241,26 +230,27 @@ def main(args) -> int:
     elapsed = time.time() - start
 
     if dist.is_main():
-        summary(outdir, manifest, teacher, args, done, elapsed, world, kept)
+        summary(outdir, manifest, teacher, args, device, done, elapsed, world, kept)
     dist.barrier()
     dist.cleanup()
     return 0
 
 
-def summary(outdir: Path, manifest: dict, teacher, args, done: int, elapsed: float, world: int, kept: int) -> None:
+def summary(outdir: Path, manifest: dict, teacher, args, device: torch.device, done: int, elapsed: float, world: int,
+            kept: int) -> None:
     settings = manifest["settings"]
     rate = done / elapsed if elapsed > 0 else math.nan
     print(f"{outdir}: {settings['num_pairs']} pairs in {len(manifest['shards'])} shards, "
           f"{'complete' if manifest['complete'] else 'INCOMPLETE'}")
     print(f"  this run: {done} pairs in {elapsed:.1f} s = {rate:.1f} pairs/s on {world} process(es) "
-          f"({rate / world:.1f} per process, batch {args.batch}, {args.device_used}); {kept} shards kept")
+          f"({rate / world:.1f} per process, batch {args.batch}, {device}); {kept} shards kept")
     print(f"  teacher {settings['teacher']['name']} (sha256 {settings['teacher']['sha256'][:16]}...), "
           f"{args.steps} steps ({2 * args.steps - 1} teacher calls per pair), precision {args.precision}, "
           f"images {settings['tensors']['image']['dtype']}")
     if args.grid > 0 and manifest["complete"] and teacher.channels in (1, 3):
         n = min(args.grid, settings["num_pairs"])
         pairs = data.PairDataset(outdir).get_batch(range(n))
-        path = save_image_grid(data.pair_grid(pairs["noise"], pairs["image"]), outdir / "pairs.png",
+        path = save_image_grid(pair_grid(pairs["noise"], pairs["image"]), outdir / "pairs.png",
                                nrow=2 * min(4, n))
         print(f"  {n} pairs (noise | image) in {path}")
 

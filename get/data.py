@@ -1,4 +1,5 @@
-"""Noise/image pair data sets: shard writer, manifest, verification, a memory-mapped dataset and an epoch sampler.
+"""Noise/image pair data sets: their settings, shard writer, manifest, verification, a memory-mapped dataset, an epoch
+sampler and the training data order. Everything that reads or writes pairs goes through this module.
 
 Layout of a pair folder (written by ``data_gen/generate.py``):
 
@@ -8,9 +9,10 @@ Layout of a pair folder (written by ``data_gen/generate.py``):
   sigma_max), ``image`` (n, C, R, R) float32 or float16 (the raw, unclipped sampler output), ``seed`` (n,) int64 and,
   for conditional teachers, ``label`` (n,) int64. The safetensors metadata has one key, "get-pairs": a JSON string
   with the format, its version, the shard index, its seeds and the sha256 fingerprint of the data set's settings.
-- ``manifest.json``: format and version, the settings that define the data (teacher identity with its weight hash,
-  sampler, seeds, shard size, label policy, precision, generator device, tensor dtypes and shapes), then one entry per
-  shard (file, seeds, count, sha256; sha256 is null until the shard is written) and ``complete``.
+- ``manifest.json``: format and version, the settings that define the data (:class:`PairSettings`: teacher identity
+  with its weight hash, sampler, label policy, precision, generator device, tensor dtypes and shapes; plus the seeds
+  and the shard size), then one entry per shard (file, seeds, count, sha256; sha256 is null until the shard is
+  written) and ``complete``.
 
 Every file is written under a temporary name and renamed when complete (``get.io``).
 """
@@ -22,7 +24,8 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from get.io import atomic_write_bytes, read_json, write_json
+from get.seeds import LABEL_POLICIES, format_seeds
 
 FORMAT = "get-pairs"
 FORMAT_VERSION = 1
@@ -49,20 +53,7 @@ class SettingsMismatchError(PairDataError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Seeds and the shard plan.
-
-
-def format_seeds(seeds: Sequence[int]) -> str:
-    """The shortest EDM seed string ('0-9,12,20-29') for a seed list, order kept (inverse of ``parse_seeds``)."""
-    parts, i = [], 0
-    seeds = [int(s) for s in seeds]
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ",".join(parts)
+# The shard plan.
 
 
 def shard_name(index: int) -> str:
@@ -94,6 +85,121 @@ def tensor_spec(channels: int, resolution: int, label_dim: int, image_dtype: str
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The settings that define a pair set.
+
+
+def _number(value, key: str) -> float:
+    """A float from the manifest, where infinities are stored as the strings "inf" / "-inf" (see :func:`jsonable`)."""
+    if value in ("inf", "-inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PairDataError(f"settings: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """EDM's Heun sampler settings of a pair set: the keywords of ``get.edm.edm_sampler`` (docs/EDM.md)."""
+
+    num_steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+
+    NAME = "edm_heun"
+
+    def kwargs(self) -> dict:
+        """``edm_sampler(teacher, latents, labels, **settings.kwargs())``; ``S_max`` may be ``inf``."""
+        return asdict(self)
+
+    def to_dict(self) -> dict:
+        """The manifest's entry: the sampler's name and its keywords."""
+        return {"name": self.NAME, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> SamplerSettings:
+        """Reads the manifest's entry ("inf" strings become float infinities)."""
+        if d.get("name") != cls.NAME:
+            raise PairDataError(f"settings: sampler {d.get('name')!r} is not {cls.NAME!r}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in d:
+                raise PairDataError(f"settings: sampler misses {f.name!r}")
+            values[f.name] = int(d[f.name]) if f.name == "num_steps" else _number(d[f.name], f"sampler.{f.name}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """Everything besides the seeds that decides a pair set: written to and read from ``manifest.json``.
+
+    ``data_gen/generate.py`` writes it and every reader (training grids, DMD, evaluation) reads it back through
+    :meth:`from_dict`, so the label policy and the generator device the pairs were drawn with are the ones used to
+    draw further seeds (``get.seeds.draw_inputs``).
+
+    Attributes:
+        teacher: the teacher's ``identity()`` (name, sha256 of its weights, config).
+        tensors: dtypes and per-pair shapes (:func:`tensor_spec`).
+        label_dim: number of classes; 0 = unconditional.
+        label_policy: ``'random'`` or ``'balanced'`` (``get.seeds``) for a conditional teacher, None otherwise;
+            stored under the key "labels".
+        sampler: the Heun sampler's settings.
+        precision: the teacher's arithmetic ('fp32', 'tf32', 'bf16').
+        rng_device: 'cpu' or 'cuda', the device of the per-seed generators (they give different numbers).
+    """
+
+    teacher: dict
+    tensors: dict
+    label_dim: int = 0
+    label_policy: str | None = None
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    precision: str = "fp32"
+    rng_device: str = "cpu"
+
+    def __post_init__(self):
+        if self.label_dim < 0:
+            raise ValueError(f"label_dim must be >= 0, got {self.label_dim}")
+        policy = (self.label_policy or "random") if self.label_dim > 0 else None
+        if policy is not None and policy not in LABEL_POLICIES:
+            raise ValueError(f"label_policy must be one of {LABEL_POLICIES}, got {policy!r}")
+        object.__setattr__(self, "label_policy", policy)  # None exactly when unconditional
+        if self.rng_device not in ("cpu", "cuda"):
+            raise ValueError(f"rng_device must be 'cpu' or 'cuda', got {self.rng_device!r}")
+
+    @classmethod
+    def for_teacher(cls, teacher, sampler: SamplerSettings, label_policy: str = "random", precision: str = "fp32",
+                    rng_device: str = "cpu", image_dtype: str = "float32") -> PairSettings:
+        """The settings of pairs of ``teacher`` (a ``get.teachers.Teacher``)."""
+        return cls(teacher=teacher.identity(), label_dim=teacher.label_dim, label_policy=label_policy,
+                   sampler=sampler, precision=precision, rng_device=rng_device,
+                   tensors=tensor_spec(teacher.channels, teacher.resolution, teacher.label_dim, image_dtype))
+
+    def to_dict(self) -> dict:
+        """JSON values (infinities as strings), under the manifest's keys."""
+        return jsonable({"teacher": self.teacher, "sampler": self.sampler.to_dict(), "labels": self.label_policy,
+                         "label_dim": self.label_dim, "precision": self.precision, "rng_device": self.rng_device,
+                         "tensors": self.tensors})
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PairSettings:
+        """Reads the settings of a manifest (its seed list and shard size, also stored there, are not settings)."""
+        missing = [k for k in ("teacher", "sampler", "labels", "label_dim", "precision", "rng_device", "tensors")
+                   if k not in d]
+        if missing:
+            raise PairDataError(f"settings miss {missing}")
+        try:
+            return cls(teacher=d["teacher"], tensors=d["tensors"], label_dim=int(d["label_dim"]),
+                       label_policy=d["labels"], sampler=SamplerSettings.from_dict(d["sampler"]),
+                       precision=d["precision"], rng_device=d["rng_device"])
+        except ValueError as e:
+            raise PairDataError(f"settings: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The manifest.
 
 
@@ -117,19 +223,19 @@ def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest()
 
 
-def new_manifest(settings: dict, seeds: Sequence[int], shard_size: int) -> dict:
+def new_manifest(settings: PairSettings | Mapping, seeds: Sequence[int], shard_size: int) -> dict:
     """A manifest with no shard written yet.
 
     Args:
-        settings: what defines the pairs besides the seeds: teacher identity, sampler, label policy, precision,
-            generator device, ``tensors`` (from :func:`tensor_spec`), ... (JSON values).
+        settings: what defines the pairs besides the seeds (a manifest's settings dict is read with
+            :meth:`PairSettings.from_dict`).
         seeds: the seed list, in order.
         shard_size: pairs per shard.
     """
-    if "tensors" not in settings:
-        raise ValueError("settings need a 'tensors' entry (see tensor_spec)")
+    if not isinstance(settings, PairSettings):
+        settings = PairSettings.from_dict(settings)
     plan = shard_seeds(seeds, shard_size)
-    settings = jsonable({**settings, "seeds": format_seeds(seeds), "num_pairs": len(seeds), "shard_size": shard_size})
+    settings = {**settings.to_dict(), "seeds": format_seeds(seeds), "num_pairs": len(seeds), "shard_size": shard_size}
     shards = [{"file": shard_name(k), "seeds": format_seeds(s), "count": len(s), "sha256": None}
               for k, s in enumerate(plan)]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings, "shards": shards,
@@ -372,6 +478,8 @@ class PairDataset(torch.utils.data.Dataset):
     scalar tensor (conditional only)}; pair i is the i-th seed of the manifest's seed list. ``ds.get_batch(indices)``
     returns the same keys batched (one fancy-indexed read per shard); DataLoader uses it through ``__getitems__``.
 
+    ``ds.settings`` is the folder's :class:`PairSettings` (label policy, generator device, sampler, teacher).
+
     Args:
         root: the pair folder (with manifest.json).
         verify: also check every shard's sha256 against the manifest (reads everything once).
@@ -383,7 +491,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | os.PathLike, verify: bool = False):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        settings = self.manifest["settings"]
+        self.settings = PairSettings.from_dict(self.manifest["settings"])
         if not self.manifest["complete"]:
             done = sum(s["sha256"] is not None for s in self.manifest["shards"])
             raise PairDataError(f"{self.root / MANIFEST_NAME}: the data set is incomplete ({done} of "
@@ -397,11 +505,11 @@ class PairDataset(torch.utils.data.Dataset):
                                     f"same settings to regenerate it")
             self._layouts.append(layout)
         self._starts = np.cumsum([0] + [entry["count"] for entry in self.manifest["shards"]])  # (num_shards + 1,)
-        spec = settings["tensors"]
+        spec = self.settings.tensors
         self.channels, self.resolution = spec["noise"]["shape"][0], spec["noise"]["shape"][1]
         self.conditional = "label" in spec
-        self.label_dim = int(settings.get("label_dim", 0)) if self.conditional else 0
-        self.teacher = settings.get("teacher")
+        self.label_dim = self.settings.label_dim if self.conditional else 0
+        self.teacher = self.settings.teacher
         self._maps: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -534,16 +642,25 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A picture of a few pairs.
+# The training data order.
 
 
-def pair_grid(noise: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Interleaves pairs as noise, image, noise, image, ... for ``get.training.save_image_grid`` with an even ``nrow``,
-    so each pair shows as (noise | image) side by side. Images in [-1, 1]; the noise (unit Gaussian) is scaled by 1/3
-    so that +-3 sigma spans the displayed range.
+def micro_batches(ds, sampler, micro_bs: int, device: torch.device):
+    """Endless micro-batches of this rank's slice of each epoch's permutation, from the sampler's position on.
 
-    Returns:
-        (2N, C, R, R).
+    The sampler's position advances as batches are handed out (nothing runs ahead), so its state_dict() is exactly
+    what training consumed. An epoch's last partial micro-batch is dropped.
+
+    Args:
+        ds: a :class:`PairDataset` (anything with ``get_batch(indices) -> dict of tensors``).
+        sampler: its :class:`EpochSampler`; save ``sampler.state_dict()`` in checkpoints for exact resume.
+        micro_bs: samples per micro-batch on this rank.
+        device: where the batches go.
     """
-    tiles = torch.stack([noise.float() / 3, image.float()], dim=1)  # (N, 2, C, R, R)
-    return tiles.flatten(0, 1)  # (2N, C, R, R)
+    while True:
+        indices = sampler.indices()  # (n // world,) this rank's slice of the epoch's global permutation
+        while sampler.position + micro_bs <= len(indices):
+            batch = ds.get_batch(indices[sampler.position:sampler.position + micro_bs])
+            sampler.advance(micro_bs)
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sampler.set_epoch(sampler.epoch + 1)

@@ -1,6 +1,6 @@
 """The equilibrium solve of GET: validated torchdeq options, a sync-free fixed-iteration path, solver statistics.
 
-Training follows the paper (GET.md §6.2): ``f_max_iter = 0`` gradient-free iterations, then ``grad = 6`` unrolled,
+Training follows the paper (docs/GET.md): ``f_max_iter = 0`` gradient-free iterations, then ``grad = 6`` unrolled,
 gradient-tracked steps z_k = f(z_{k-1}) from z_0, all six states returned for the fixed-point-correction loss.
 Evaluation (§6.3) runs ``eval_f_max_iter = 6`` fixed-point iterations and keeps, per sample, the iterate with the
 lowest step residual ‖z_k − z_{k−1}‖ (strict "<", ties keep the earlier iterate), as torchdeq does.
@@ -19,7 +19,7 @@ from torchdeq import get_deq
 SOLVERS = ("fixed_point_iter", "anderson", "broyden")
 STOP_MODES = ("abs", "rel")
 
-# The paper's values (official run.sh / eval.sh resolved through torchdeq, GET.md §6.1).
+# The paper's values (official run.sh / eval.sh resolved through torchdeq, docs/GET.md).
 DEQ_DEFAULTS = dict(
     f_solver="fixed_point_iter",  # forward solver
     b_solver="fixed_point_iter",  # backward solver (implicit differentiation only)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either complete under its final name or absent.
+"""Files the library writes: atomic writes (a file is complete under its final name or absent), JSON, safetensors,
+and the weights hash recorded beside them (``tensors_sha256``).
 
 Every file the library writes (weights, configs, manifests, shards, checkpoints) goes through these helpers:
 write to a temporary name in the same folder, flush and fsync, then ``os.replace`` onto the final name.
@@ -6,11 +7,14 @@ write to a temporary name in the same folder, flush and fsync, then ``os.replace
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save as _safetensors_bytes
 
@@ -68,3 +72,20 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
     atomic_write_bytes(path, _safetensors_bytes(tensors, metadata=meta))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Saves arrays as an uncompressed .npz, atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

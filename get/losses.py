@@ -2,7 +2,7 @@
 
 Every loss maps a prediction and a target of shape (B, C, H, W) to a scalar: the mean over the batch of a per-sample
 distance. `fp_correction` applies one of them to each state of a GET trajectory and sums them with the weights
-0.8^(n-k-1), as the official trainer does through `torchdeq.loss.fp_correction` (GET.md §7), but without its host
+0.8^(n-k-1), as the official trainer does through `torchdeq.loss.fp_correction` (docs/GET.md), but without its host
 syncs: the per-state values come back as one detached tensor.
 """
 

@@ -30,10 +30,11 @@ from einops import rearrange
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed
 
-import kernels
+import get_kernels
 from get.deq import EquilibriumSolver, validate_deq_options
 from get.io import read_json, save_safetensors, write_json
 from get.safety import check_int, check_number, check_torch_zip, tensor_layout_error, total_bytes_error
+from get.seeds import InputSpec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,7 +69,7 @@ def sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The kernel backend for a device: the one place the model picks its attention/LayerNorm/GELU ops."""
-    return kernels.default_backend(device) if backend is None else backend
+    return get_kernels.default_backend(device) if backend is None else backend
 
 
 #################################################################################
@@ -111,7 +112,7 @@ class Mlp(nn.Module):
 
 
 class GETBlock(nn.Module):
-    """Pre-LN transformer block used for both the Injection and the Equilibrium Transformer (GET.md §2.4)."""
+    """Pre-LN transformer block used for both the Injection and the Equilibrium Transformer (docs/GET.md)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -162,8 +163,8 @@ class _PatchTransformer(nn.Module):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        if backend is not None and backend not in kernels.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {kernels.BACKENDS} or None (automatic)")
+        if backend is not None and backend not in get_kernels.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {get_kernels.BACKENDS} or None (automatic)")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -180,7 +181,7 @@ class _PatchTransformer(nn.Module):
 
     def _init_weights(self):
         self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.in_channels)
-        # Every Linear: xavier_uniform over the whole (fused) matrix, zero bias (GET.md §4).
+        # Every Linear: xavier_uniform over the whole (fused) matrix, zero bias (docs/GET.md).
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -232,7 +233,7 @@ class _PatchTransformer(nn.Module):
             raise NonFiniteError("GET produced a non-finite state (NaN or inf); check the weights and inputs")
 
     def _ops(self, device):
-        return kernels.get_ops(resolve_backend(self.backend, device))
+        return get_kernels.get_ops(resolve_backend(self.backend, device))
 
     def embed(self, noise):
         return self.x_embedder(noise) + self.pos_embed  # (B, N, D)
@@ -363,6 +364,17 @@ class GET(_PatchTransformer):
             deq=dict(self.deq_options),
         )
 
+    @property
+    def num_states(self) -> int:
+        """How many decoded states ``trajectory`` returns (the ``grad`` tracked steps)."""
+        return self.deq_options["grad"]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """Per-sample inputs: the latent (C, R, R), the classes, and z0 (N, D); ``get.seeds.draw_inputs`` draws them."""
+        tokens = (self.input_size // self.patch_size) ** 2
+        return InputSpec(self.in_channels, self.input_size, self.num_classes, (tokens, self.hidden_size))
+
     def _prepare(self, noise, class_labels, z0, generator):
         """Everything before the solve: InjT once, the per-block injections, and z_0."""
         c = self._check_inputs(noise, class_labels)
@@ -437,7 +449,8 @@ class ViT(_PatchTransformer):
 
     It is a one-step generator with no equilibrium solve; ``trajectory`` returns a one-element list so the same
     training loop applies. Class conditioning, when asked for, uses GET's additive class embedding (the official
-    conditional ViT forward does not run, GET.md §13).
+    conditional ViT forward does not run, docs/GET.md). It draws nothing random, so ``forward`` and
+    ``trajectory`` refuse a ``z0`` or ``generator`` instead of ignoring it.
     """
 
     def __init__(
@@ -461,7 +474,24 @@ class ViT(_PatchTransformer):
     def config(self) -> dict:
         return self._shared_config()
 
+    num_states = 1  # trajectory returns the one output
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """Per-sample inputs: the latent (C, R, R) and the classes; a ViT has no z0."""
+        return InputSpec(self.in_channels, self.input_size, self.num_classes)
+
     def forward(self, noise, class_labels=None, z0=None, generator=None, return_info=False):
+        """One-step generation; the signature is GET's so that callers treat both alike.
+
+        A ViT has no equilibrium state and draws nothing random: ``z0`` and ``generator`` must be None (what
+        ``get.seeds.draw_inputs`` gives for a ViT); anything else is refused rather than ignored.
+
+        Returns:
+            images (B, C, H, W), and an empty info dict when ``return_info``.
+        """
+        if z0 is not None or generator is not None:
+            raise ValueError("ViT has no initial state z0 and draws nothing random: pass z0=None and generator=None")
         c = self._check_inputs(noise, class_labels)
         ops = self._ops(noise.device)
         x = self.embed(noise)  # (B, N, D)
@@ -472,7 +502,8 @@ class ViT(_PatchTransformer):
         return (images, {}) if return_info else images
 
     def trajectory(self, noise, class_labels=None, z0=None, generator=None, return_info=False):
-        out = self.forward(noise, class_labels, return_info=return_info)
+        """The training path: a one-element list with the forward's images (and its info)."""
+        out = self.forward(noise, class_labels, z0, generator, return_info=return_info)
         return ([out[0]], out[1]) if return_info else [out]
 
 
@@ -576,7 +607,7 @@ def _check_config(model_cls, config: dict, state_dict: dict, where: str) -> None
 
 def config_from_official_state_dict(state_dict: dict, args: dict | None = None, num_heads: int | None = None,
                                     where: str = "state dict") -> dict:
-    """Infers GET constructor arguments from an official state dict (GET.md §5.1) and its ``args``.
+    """Infers GET constructor arguments from an official state dict (docs/GET.md) and its ``args``.
 
     The number of heads is not in the shapes: it comes from ``num_heads``, else from the registered config named by
     ``args['model']`` (e.g. 'GET-B/2'), else D / 64 (every official config) when D is a multiple of 64.

@@ -1,8 +1,13 @@
 """Fused ops for GET's transformer blocks, in two interchangeable backends.
 
-- ``'torch'``: `kernels.reference`, plain PyTorch (SDPA, F.layer_norm, F.gelu); runs anywhere.
-- ``'triton'``: the Triton kernels of `kernels.attention`, `kernels.layer_norm` and `kernels.gelu`; CUDA tensors, or
-  CPU tensors in the Triton interpreter when TRITON_INTERPRET=1 was set before triton was imported (slow; tests).
+- ``'torch'``: `get_kernels.reference`, plain PyTorch (SDPA, F.layer_norm, F.gelu); runs anywhere.
+- ``'triton'``: the Triton kernels of `get_kernels.attention`, `get_kernels.layer_norm` and `get_kernels.gelu`;
+  CUDA tensors, or CPU tensors in the Triton interpreter when TRITON_INTERPRET=1 was set before triton was imported
+  (slow; tests).
+
+The folder is ``kernels/`` in the repository but installs under the import name ``get_kernels`` (pyproject.toml):
+PyPI's widely installed ``kernels`` package would otherwise share one folder with it (docs/KERNELS.md). Modules of
+this package import each other relatively, so the folder works under that name.
 
 Both expose the same three functions with the same semantics:
 ``attention(qkv, scale=None)``, ``layer_norm(x, weight, bias, eps=1e-6, residual=None)`` and ``bias_gelu(x, bias)``.
@@ -20,7 +25,7 @@ import types
 
 import torch
 
-from kernels import reference
+from . import reference
 
 BACKENDS = ("torch", "triton")
 
@@ -42,9 +47,9 @@ def default_backend(device: torch.device | str) -> str:
 
 @functools.cache
 def _triton_ops() -> types.SimpleNamespace:
-    from kernels.attention import attention
-    from kernels.gelu import bias_gelu
-    from kernels.layer_norm import layer_norm
+    from .attention import attention
+    from .gelu import bias_gelu
+    from .layer_norm import layer_norm
 
     return types.SimpleNamespace(attention=attention, layer_norm=layer_norm, bias_gelu=bias_gelu)
 
@@ -53,7 +58,7 @@ def get_ops(backend: str):
     """The op namespace of a backend: an object with `attention`, `layer_norm` and `bias_gelu`.
 
     Args:
-        backend: 'torch' (kernels.reference) or 'triton' (the Triton kernels).
+        backend: 'torch' (get_kernels.reference) or 'triton' (the Triton kernels).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")

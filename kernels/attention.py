@@ -11,7 +11,7 @@ The backward is non-causal throughout: every key block sees every query and vice
 backward is causal-only). dK/dV (keys resident, loop over queries) and dQ (queries resident, loop over keys) are
 two phases of one kernel, so no atomics are needed and the gradients are deterministic.
 
-References: Dao, "FlashAttention-2" (arXiv 2307.08691), Algorithms 1 and 2; KERNELS.md sections 3, 4 and 8.
+References: Dao, "FlashAttention-2" (arXiv 2307.08691), Algorithms 1 and 2; docs/KERNELS.md
 """
 
 import math
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_inputs, dot_precision, empty, launcher, pow2_at_least, register_op
+from .utils import check_inputs, dot_precision, empty, launcher, pow2_at_least, register_op
 
 HEAD_DIMS = (32, 64, 128)
 

@@ -7,14 +7,14 @@ The exact erf form matters: the tanh approximation would break parity with the o
 backward recomputes u from the saved x and bias (nothing is written into saved tensors, so IFT backward passes may
 run it many times) and reduces dbias through per-program fp32 partial sums, deterministically.
 
-References: Hendrycks and Gimpel, "Gaussian Error Linear Units" (arXiv 1606.08415); KERNELS.md section 5 (fusion 1).
+References: Hendrycks and Gimpel, "Gaussian Error Linear Units" (arXiv 1606.08415); docs/KERNELS.md (fusion 1).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_inputs, empty, launcher, reduction_grid, register_op, warps_for
+from .utils import check_inputs, empty, launcher, reduction_grid, register_op, warps_for
 
 BLOCK_M = 16
 BLOCK_D = 256

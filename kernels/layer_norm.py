@@ -11,14 +11,14 @@ The forward works on tiles of whole rows. The backward runs a persistent grid: e
 of rows and writes its fp32 partial dweight/dbias to its own row of a buffer, which is summed afterwards, so the
 result is deterministic (no atomics) and bit-stable across runs.
 
-References: Ba et al., "Layer Normalization" (arXiv 1607.06450); KERNELS.md section 5 (fusion 4).
+References: Ba et al., "Layer Normalization" (arXiv 1607.06450); docs/KERNELS.md (fusion 4).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import (
+from .utils import (
     check_inputs,
     empty,
     launcher,

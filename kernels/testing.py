@@ -1,7 +1,7 @@
 """Accuracy criterion shared by the kernel tests and benchmark checks.
 
 A kernel output is compared with a float64 reference, and its error is judged against the error of the same
-computation done by PyTorch in the kernel's own precision (the FlashAttention test criterion, KERNELS.md section 8):
+computation done by PyTorch in the kernel's own precision (the FlashAttention test criterion, docs/KERNELS.md):
 
     max|ours - ref64| <= ratio * max|torch_same_precision - ref64| + atol * max(1, max|ref64|)
 

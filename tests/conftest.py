@@ -24,8 +24,8 @@ def _seed():
 
 @pytest.fixture
 def poison_kernel_outputs():
-    """Kernel outputs allocated as NaN for the test's duration (kernels.utils.empty), so unwritten tiles fail."""
-    from kernels import utils
+    """Kernel outputs allocated as NaN for the test's duration (get_kernels.utils.empty), so unwritten tiles fail."""
+    from get_kernels import utils
 
     with utils.poison_outputs():
         yield

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from get.distill import dmd
-from get.edm.checkpoint import save_teacher
 from get.edm.precond import EDMPrecond
+from get.mixture import MixtureTeacher
 from get.models import GET, GET_models
-from get.teachers import MixtureTeacher
-from get.training import read_stats
+from get.teachers import save_teacher
+from get.training.logs import read_stats
 
 
 def gaussian_score(mean: float, var: float):
@@ -36,7 +36,7 @@ def test_karras_grid_and_dm_range():
     lo, hi = 0.002 ** (1 / 7), 80 ** (1 / 7)
     for i in (0, 20, 500, 980, 999):
         assert grid[i].item() == pytest.approx((lo + i / 999 * (hi - lo)) ** 7, rel=1e-12)
-    # spec/DISTILL.md §1: index 20 -> 0.003232, 980 -> 72.05.
+    # docs/DISTILL.md: index 20 -> 0.003232, 980 -> 72.05.
     assert grid[20].item() == pytest.approx(0.003232, abs=5e-7)
     assert grid[980].item() == pytest.approx(72.05, abs=5e-3)
     assert dmd.index_range(1000, 0.02, 0.98) == (20, 980)

@@ -1,4 +1,4 @@
-"""Safe loading of EDM-format pickles (spec/EDM.md §7-8), official names -> cache, safetensors conversion.
+"""Safe loading of EDM-format pickles (docs/EDM.md), official names -> cache, safetensors conversion.
 
 The tests write EDM snapshots themselves, in the byte layout of ``torch_utils.persistence``: every network object
 reduces to ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with meta = {type, version, module_src,
@@ -29,13 +29,11 @@ from get.edm import (
     VPPrecond,
     cache_dir,
     iDDPMPrecond,
-    load_converted,
     load_edm,
     read_edm_pickle,
-    save_teacher,
 )
 from get.edm.checkpoint import KNOWN_CLASSES
-from get.teachers import MixtureTeacher, load_teacher
+from get.teachers import MixtureTeacher, load_converted, load_teacher, save_teacher
 
 TINY = {
     "ddpmpp-cond": (EDMPrecond, dict(img_resolution=16, img_channels=3, label_dim=4, model_type="SongUNet",

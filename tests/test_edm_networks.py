@@ -1,4 +1,4 @@
-"""Our EDM networks against the official layouts (spec/EDM.md §2-5, edm_keys/) and the layer definitions (§1, §4).
+"""Our EDM networks against the official layouts (tests/data/edm_keys/, docs/EDM.md) and the layer definitions.
 
 Full-size networks are built on the 'meta' device (no memory, no init cost) for key, shape and count checks.
 """
@@ -15,7 +15,7 @@ from get.edm.networks import DhariwalUNet, SongUNet
 from get.edm.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from get.teachers import Teacher
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec" / "edm_keys"
+KEYS_DIR = Path(__file__).parent / "data" / "edm_keys"  # the official state-dict keys and shapes, one per line
 
 DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
               channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
@@ -24,7 +24,7 @@ NCSNPP = dict(DDPMPP, embedding_type="fourier", encoder_type="residual", channel
               resample_filter=[1, 3, 3, 1])
 ADM = dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1)
 
-# (key-list file or None, constructor kwargs, tensors in state dict, parameters) -- spec/EDM.md §5.
+# (key-list file or None, constructor kwargs, tensors in state dict, parameters) -- docs/EDM.md.
 RELEASED = {
     "cifar10-cond-vp": ("cifar10_cond_vp_ddpmpp.txt", dict(img_resolution=32, img_channels=3, label_dim=10,
                                                            **DDPMPP), 427, 55_735_299),
@@ -136,7 +136,7 @@ def test_attention_block_matches_explicit_per_head_computation():
         p.data.add_(0.1 * torch.randn_like(p))
     x, emb = torch.randn(2, C, H, H), torch.randn(2, 8)
 
-    # Reference written from spec/EDM.md §1.5 with explicit index arithmetic.
+    # Reference written from the layer's definition (docs/EDM.md) with explicit index arithmetic.
     def gn(m, t):
         return F.group_norm(t, m.num_groups, m.weight, m.bias, m.eps)
 
@@ -228,7 +228,7 @@ def test_vp_ve_iddpm_schedules():
     vp = _meta(dict(img_resolution=16, img_channels=3, model_channels=32, channel_mult=[1, 2], num_blocks=1,
                     attn_resolutions=[8]), VPPrecond)
     # EDM evaluates sigma(epsilon_t) on a float32 tensor: exp(~1e-6) - 1 cancels to 8 ulp, giving 2^-10 instead of the
-    # float64 value 0.00100050 quoted in spec/EDM.md §12. The sampler clips to sigma_min = 0.002 anyway.
+    # float64 value 0.00100050 quoted in docs/EDM.md. The sampler clips to sigma_min = 0.002 anyway.
     assert vp.sigma_min == 2 ** -10 and vp.sigma_max == pytest.approx(152.16697, rel=1e-6)
     assert float(vp.sigma(torch.tensor(1e-5, dtype=torch.float64))) == pytest.approx(0.00100050, rel=1e-5)
     t = torch.tensor([1e-5, 0.3, 1.0], dtype=torch.float64)

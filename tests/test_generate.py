@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from get import data
-from get.edm.sampler import StackedRandomGenerator, edm_sampler, parse_seeds, seed_inputs
+from get.edm.sampler import edm_sampler
+from get.seeds import StackedRandomGenerator, draw_inputs, parse_seeds
 from get.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_pairs_are_the_sampler_output_of_their_seed(ref, tmp_path):
     assert ds.manifest["settings"]["teacher"]["name"] == "mixture-demo"
     teacher = load_teacher("mixture-demo")
     pick = list(range(196, 212))  # crosses the jump 199 -> 1000 and shard boundaries
-    latents, _ = seed_inputs([seeds[i] for i in pick], teacher)
+    latents = draw_inputs([seeds[i] for i in pick], teacher).latents
     images = edm_sampler(teacher, latents, num_steps=3)  # (16, C, R, R) float64
     got = ds.get_batch(pick)
     assert got["seed"].tolist() == [seeds[i] for i in pick]
@@ -88,7 +89,8 @@ def test_pairs_are_the_sampler_output_of_their_seed(ref, tmp_path):
         assert run_here(out, "--teacher", "mixture-demo-cond", "--seeds", "0-15", "--steps", "3", "--labels", policy,
                         "--image-dtype", "fp16", "--grid", "0") == 0
         pairs = data.PairDataset(out).get_batch(range(16))
-        latents, labels = seed_inputs(range(16), cond, label_policy=policy)
+        inputs = draw_inputs(range(16), cond, label_policy=policy)
+        latents, labels = inputs.latents, inputs.labels
         assert torch.equal(pairs["label"], labels) and torch.equal(pairs["noise"], latents)
         assert torch.equal(pairs["image"], edm_sampler(cond, latents, labels, num_steps=3).half().float())
     assert pairs["label"].tolist() == [s % 4 for s in range(16)]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, gpu_only
 
-from kernels import get_ops, reference, utils
-from kernels.attention import HEAD_DIMS, AttentionFunction, attention, attention_bwd, attention_fwd
-from kernels.testing import assert_matches_reference
+from get_kernels import get_ops, reference, utils
+from get_kernels.attention import HEAD_DIMS, AttentionFunction, attention, attention_bwd, attention_fwd
+from get_kernels.testing import assert_matches_reference
 
 # Every output buffer a kernel allocates starts as NaN, so an unwritten tile fails (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")
@@ -184,7 +184,7 @@ def test_opcheck():
 
 
 def test_benchmark_counts_match_the_spec_table():
-    # KERNELS.md §3, GET-S/2 at B = 128 (H 8, N 256, d 64, bf16): 17.2 GFLOP and 134 MB forward, 42.9 and 268 backward.
+    # GET-S/2 at B = 128 (H 8, N 256, d 64, bf16): 17.2 GFLOP and 134 MB forward, 42.9 and 268 backward.
     script = Path(__file__).parents[1] / "bench" / "kernel_speed.py"
     spec = importlib.util.spec_from_file_location("kernel_speed", script)
     bench = importlib.util.module_from_spec(spec)

@@ -24,9 +24,9 @@ def launches():
     """(kernel, grid, args, kwargs) of every launch our launchers make for GET-B/2-like inputs, without running."""
     import torch
 
-    import kernels.attention as attention
-    import kernels.gelu as gelu
-    import kernels.layer_norm as layer_norm
+    import get_kernels.attention as attention
+    import get_kernels.gelu as gelu
+    import get_kernels.layer_norm as layer_norm
 
     recorded = []
 
@@ -62,10 +62,10 @@ def trace_block() -> None:
     import torch._functorch.config as functorch_config
     from torch._dynamo.backends.common import aot_autograd
 
-    import kernels.utils
-    from kernels import get_ops
+    import get_kernels.utils
+    from get_kernels import get_ops
 
-    kernels.utils.INTERPRET = True  # lets CPU tensors stand in for CUDA ones; nothing is launched
+    get_kernels.utils.INTERPRET = True  # lets CPU tensors stand in for CUDA ones; nothing is launched
     ops = get_ops("triton")
     graphs = []
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import DEVICE, DTYPES, gpu_only
 
-from kernels import get_ops, reference, utils
-from kernels.gelu import BiasGeluFunction, bias_gelu
-from kernels.testing import assert_matches_reference
+from get_kernels import get_ops, reference, utils
+from get_kernels.gelu import BiasGeluFunction, bias_gelu
+from get_kernels.testing import assert_matches_reference
 
 # Every output buffer a kernel allocates starts as NaN, so an unwritten tile fails (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")

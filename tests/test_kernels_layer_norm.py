@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, gpu_only
 
-from kernels import get_ops, reference, utils
-from kernels.layer_norm import MAX_DIM, LayerNormFunction, layer_norm
-from kernels.testing import assert_matches_reference
+from get_kernels import get_ops, reference, utils
+from get_kernels.layer_norm import MAX_DIM, LayerNormFunction, layer_norm
+from get_kernels.testing import assert_matches_reference
 
 # Every output buffer a kernel allocates starts as NaN, so an unwritten tile fails (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("poison_kernel_outputs")

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-import kernels
+import get_kernels
 from get.models import GET_models
-from kernels import reference, utils
-from kernels.testing import assert_matches_reference
+from get_kernels import reference, utils
+from get_kernels.testing import assert_matches_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -90,14 +90,14 @@ def test_implicit_differentiation_reuses_the_backward():
 
 
 def test_backend_dispatch():
-    assert kernels.default_backend("cpu") == "torch"
-    assert kernels.default_backend(torch.device("cuda", 0)) == "triton"  # triton imports here
-    assert kernels.get_ops("torch") is reference
-    ops = kernels.get_ops("triton")
+    assert get_kernels.default_backend("cpu") == "torch"
+    assert get_kernels.default_backend(torch.device("cuda", 0)) == "triton"  # triton imports here
+    assert get_kernels.get_ops("torch") is reference
+    ops = get_kernels.get_ops("triton")
     assert (ops.attention, ops.layer_norm, ops.bias_gelu) == (
-        kernels.attention.attention,
-        kernels.layer_norm.layer_norm,
-        kernels.gelu.bias_gelu,
+        get_kernels.attention.attention,
+        get_kernels.layer_norm.layer_norm,
+        get_kernels.gelu.bias_gelu,
     )
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        kernels.get_ops("cuda")
+        get_kernels.get_ops("cuda")

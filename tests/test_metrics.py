@@ -303,7 +303,7 @@ def test_real_inception_when_present(image_sets):
 
 
 def _mixture(num_components=3, mean_scale=1.0, **kw):
-    from get.teachers import MixtureTeacher
+    from get.mixture import MixtureTeacher
 
     return MixtureTeacher(resolution=4, channels=3, num_components=num_components, rank=3, mean_scale=mean_scale,
                           factor_scale=0.2, diag_scale=0.05, max_frequency=2, **kw)

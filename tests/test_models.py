@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from get.deq import validate_deq_options
 from get.models import GET, GET_models, NonFiniteError, count_parameters, create_model, sincos_pos_embed
 
-KEYS_FILE = Path(__file__).parent / "data" / "get_official_keys.txt"  # copy of shared/spec/get_official_keys.txt
+KEYS_FILE = Path(__file__).parent / "data" / "get_official_keys.txt"  # the official GET-B/2 keys and shapes
 
-# GET.md §3: exact totals of the official model (pos_embed included), unconditional / conditional.
+# docs/GET.md: exact totals of the official model (pos_embed included), unconditional / conditional.
 OFFICIAL_COUNTS = {
     "GET-T/2": (8_558_092, 8_565_772),
     "GET-M/2": (19_177_740, 19_189_260),
@@ -65,7 +65,7 @@ def test_official_parameter_counts(name):
 
 
 def test_parameter_count_closed_form_of_spec():
-    # GET.md §3 closed form, for the small configs too (same architecture, other sizes).
+    # docs/GET.md closed form, for the small configs too (same architecture, other sizes).
     for name in ("GET-XS/2", "GET-XXS/2", "GET-T/2"):
         m = _meta_model(name)
         D, L, r = m.hidden_size, m.depth, m.deq_mlp_ratio
@@ -113,7 +113,7 @@ def test_fresh_model_outputs_zero_and_unpatchify_order():
     z = torch.randn(1, 16, model.hidden_size)
     y = model.final_layer(z, ops)  # (1, 16, 12)
     img = model.decode(z, ops)  # (1, 3, 8, 8)
-    # image[b, ch, 2i+p, 2j+q] = y[b, G*i+j, 6p + 3q + ch] (GET.md §2.8), G = 4 here
+    # image[b, ch, 2i+p, 2j+q] = y[b, G*i+j, 6p + 3q + ch] (docs/GET.md), G = 4 here
     for i, j, p, q, ch in np.ndindex(4, 4, 2, 2, 3):
         assert img[0, ch, 2 * i + p, 2 * j + q] == y[0, 4 * i + j, 6 * p + 3 * q + ch]
 
@@ -140,6 +140,12 @@ def test_vit_baseline_shapes():
     model = GET_models["ViT-B/2"](hidden_size=64, num_heads=2, depth=2, input_size=8, num_classes=4)
     out = model(torch.randn(2, 3, 8, 8), torch.tensor([0, 3]))
     assert out.shape == (2, 3, 8, 8) and len(model.trajectory(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))) == 1
+    # A ViT draws nothing: a z0 or a generator is refused, never silently ignored.
+    with pytest.raises(ValueError, match="z0"):
+        model(torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), z0=torch.zeros(2, 16, 64))
+    with pytest.raises(ValueError, match="generator"):
+        model.trajectory(torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), generator=torch.Generator())
+    assert model.input_spec.z0_shape is None and model.input_spec.label_dim == 4
 
 
 def test_determinism_with_generator():
@@ -218,7 +224,7 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_trajectory_equals_unrolled_fixed_point_steps():
-    # Training states are exactly z_k = f(z_{k-1}), k = 1..6, from z_0 (GET.md §6.2).
+    # Training states are exactly z_k = f(z_{k-1}), k = 1..6, from z_0 (docs/GET.md).
     model = _tiny()
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
     x = torch.randn(2, 3, 8, 8)

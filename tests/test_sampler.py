@@ -1,12 +1,13 @@
-"""EDM sampler and per-seed inputs: Karras steps, Heun accuracy against exact and fine-step solutions, seeding."""
+"""EDM sampler: Karras steps, Heun accuracy against exact and fine-step solutions, per-seed stochastic noise."""
 
 import pytest
 import torch
 
-from get.edm.sampler import StackedRandomGenerator, edm_sampler, edm_time_steps, parse_seeds, seed_inputs
-from get.teachers import MixtureTeacher
+from get.edm.sampler import edm_sampler, edm_time_steps
+from get.mixture import MixtureTeacher
+from get.seeds import StackedRandomGenerator, draw_inputs
 
-# spec/EDM.md §9 and §12, rounded to 6 decimals.
+# EDM's Karras schedule (docs/EDM.md), rounded to 6 decimals.
 KARRAS_18 = [80.0, 57.585985, 40.785574, 28.374585, 19.352453, 12.910082, 8.400935, 5.315195, 3.256822, 1.92334,
              1.088171, 0.585348, 0.296442, 0.139516, 0.059947, 0.022935, 0.007528, 0.002, 0.0]
 
@@ -22,37 +23,6 @@ def test_time_steps_match_edm():
                                                                      dtype=torch.float64), atol=6e-5, rtol=0)
     with pytest.raises(ValueError, match="sigma_min"):
         edm_time_steps(18, sigma_min=1.0, sigma_max=0.5)
-
-
-def test_parse_seeds():
-    assert parse_seeds("0-3,10,20-21") == [0, 1, 2, 3, 10, 20, 21]
-    assert parse_seeds(" 7 ") == [7]
-    assert len(parse_seeds("0-49999")) == 50000
-    for bad in ["", "a", "3-1", "1,,2", "-1", "1-2-3"]:
-        with pytest.raises(ValueError, match="seeds"):
-            parse_seeds(bad)
-
-
-def test_seed_inputs_follow_edm_draw_order_and_ignore_the_batch():
-    teacher = MixtureTeacher(resolution=4, channels=2, num_components=3, rank=1, conditional=True)
-    latents, labels = seed_inputs([5, 2**32 + 7, 11], teacher)
-    assert latents.dtype == torch.float32 and latents.shape == (3, 2, 4, 4) and labels.dtype == torch.int64
-    # EDM's order per seed: generator seeded with seed mod 2^32, latent randn([C, H, W]) then randint(label_dim).
-    g = torch.Generator().manual_seed(7)
-    torch.testing.assert_close(latents[1], torch.randn(2, 4, 4, generator=g), rtol=0, atol=0)
-    assert int(labels[1]) == int(torch.randint(3, size=[], generator=g))
-    # A seed's latent and label do not depend on its batch.
-    alone, alone_labels = seed_inputs([11], teacher)
-    torch.testing.assert_close(alone[0], latents[2], rtol=0, atol=0)
-    assert int(alone_labels[0]) == int(labels[2])
-    # Balanced labels cycle through the classes.
-    _, balanced = seed_inputs(range(6), teacher, label_policy="balanced")
-    assert balanced.tolist() == [0, 1, 2, 0, 1, 2]
-    assert seed_inputs([1], MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1))[1] is None
-    with pytest.raises(ValueError, match="label_policy"):
-        seed_inputs([1], teacher, label_policy="uniform")
-    with pytest.raises(ValueError, match="number of seeds"):
-        StackedRandomGenerator("cpu", [1, 2]).randn([3, 4])
 
 
 def _exact_gaussian_teacher_map(teacher, latents, sigma_max=80.0, sigma_min=0.002):
@@ -82,7 +52,7 @@ def test_heun_matches_exact_gaussian_flow_with_second_order_convergence():
 
 def test_18_steps_close_to_fine_step_reference_on_the_mixture():
     teacher = MixtureTeacher.preset("demo")
-    latents, _ = seed_inputs(range(4), teacher)
+    latents = draw_inputs(range(4), teacher).latents
     reference = edm_sampler(teacher, latents, num_steps=128)
     out = edm_sampler(teacher, latents)
     assert out.dtype == torch.float64 and out.shape == latents.shape

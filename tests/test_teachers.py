@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from get.edm import save_teacher
-from get.teachers import MixtureTeacher, Teacher, load_teacher
+from get.mixture import MixtureTeacher
+from get.teachers import Teacher, load_teacher, save_teacher
 
 
 @pytest.fixture(scope="module")

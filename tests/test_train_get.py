@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from get.data import EpochSampler, new_manifest, record_shards, tensor_spec, write_manifest, write_shard
+from get.data import EpochSampler, PairSettings, new_manifest, record_shards, tensor_spec, write_manifest, write_shard
 from get.losses import fp_correction, l1_loss
 from get.models import GET
-from get.training import CheckpointMismatchError, TrainingDivergedError, rank_seed, read_stats
+from get.seeds import draw_inputs, rank_seed
+from get.training.checkpoints import CheckpointMismatchError
+from get.training.guards import TrainingDivergedError
+from get.training.logs import read_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "train_get.py"
@@ -31,8 +34,8 @@ _spec.loader.exec_module(sample)
 def make_pairs(root, n=32, channels=3, resolution=8, label_dim=0, shard_size=16, nan=False):
     """A pair folder written through get.data; the 'teacher' is a fixed smooth map of the noise."""
     seeds = list(range(n))
-    settings = dict(teacher={"name": "test-map"}, label_dim=label_dim,
-                    tensors=tensor_spec(channels, resolution, label_dim))
+    settings = PairSettings(teacher={"name": "test-map"}, label_dim=label_dim,
+                            tensors=tensor_spec(channels, resolution, label_dim))
     manifest = new_manifest(settings, seeds, shard_size)
     os.makedirs(root, exist_ok=True)
     records = []
@@ -142,7 +145,7 @@ def test_sample_script(tmp_path):
     model = GET.from_pretrained(tmp_path / "run" / "checkpoints" / "0000002").eval()
     noise = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (3, 11)])
     with torch.no_grad():
-        images = model(noise, z0=sample.z0_for_seeds(model, [3, 11], "cpu"))
+        images = model(noise, z0=draw_inputs([3, 11], model).z0)
     expected = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(fa["images"][[0, 5]], expected)
     # Held-out pairs: the MSE against their images and the data-mean baseline.
@@ -151,7 +154,7 @@ def test_sample_script(tmp_path):
     ds = train_get.PairDataset(data)
     pairs = ds.get_batch(list(range(len(ds))))
     with torch.no_grad():
-        pred = model(pairs["noise"], z0=sample.z0_for_seeds(model, pairs["seed"].tolist(), "cpu"))
+        pred = model(pairs["noise"], z0=draw_inputs(pairs["seed"].tolist(), model).z0)
     assert out["mse"] == pytest.approx((pred - pairs["image"]).double().square().mean().item(), rel=1e-6)
     assert out["mse_data_mean"] == pytest.approx(pairs["image"].double().var(0, unbiased=False).mean().item())
     assert json.loads((tmp_path / "m.json").read_text())["n"] == len(ds)
@@ -189,3 +192,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     saved = _tensors(ckpt / "model.safetensors")
     for name, p in model.named_parameters():
         torch.testing.assert_close(saved[name], p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_vit_baseline_trains(tmp_path):
+    # The paper's ViT baseline goes through the same loop: one state, no z_0 and no fixed-point residuals.
+    stats = run(make_pairs(tmp_path / "pairs", label_dim=3), tmp_path / "run", "--model", "ViT-B/2", steps=2)
+    assert [s["step"] for s in stats] == [1, 2] and "loss_state1" in stats[-1]
+    assert not any(k.startswith("residual") for k in stats[-1])
+    assert (tmp_path / "run" / "checkpoints" / "0000002" / "ema.safetensors").is_file()

@@ -8,23 +8,18 @@ import torch.nn as nn
 from PIL import Image
 
 from get.models import GET, GET_models
-from get.training import (
+from get.seeds import rank_seed
+from get.training.checkpoints import (
     CheckpointMismatchError,
-    NonFiniteGuard,
-    StatsLogger,
-    Throughput,
-    TrainingDivergedError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    plot_loss_curve,
     prepare_run_dir,
-    rank_seed,
-    read_stats,
     save_checkpoint,
-    save_image_grid,
-    update_ema,
 )
+from get.training.guards import NonFiniteGuard, TrainingDivergedError
+from get.training.logs import StatsLogger, Throughput, plot_loss_curve, read_stats
+from get.training.modules import update_ema
 
 
 class Tiny(nn.Module):
@@ -196,17 +191,6 @@ def test_tensorboard_events_written(tmp_path):
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-
-
-def test_image_grid(tmp_path):
-    images = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 3, 4, 2)  # image i has the value -1 + i/2
-    save_image_grid(images, tmp_path / "g.png", nrow=3)
-    grid = np.asarray(Image.open(tmp_path / "g.png"))
-    assert grid.shape == (8, 6, 3)
-    assert grid[0, 0].tolist() == [0, 0, 0] and grid[0, 2, 0] == 64 and grid[4, 2, 0] == 255  # x·127.5 + 128
-    assert grid[4, 4, 0] == 0  # the unused cell stays black
-    with pytest.raises(ValueError, match="1 or 3 channels"):
-        save_image_grid(torch.zeros(1, 2, 4, 4), tmp_path / "bad.png")
 
 
 def test_non_finite_guard():

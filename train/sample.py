@@ -5,29 +5,29 @@
     python train/sample.py --ckpt runs/RUN --seeds 0-63 --outdir samples   # PNGs, EDM's layout
     python train/sample.py --ckpt runs/RUN --pairs data/pairs/held-out --teacher mixture-demo   # error vs the teacher
 
-Every sample is a function of its seed only (EDM's per-seed generators for the latent and the class label, and a
-per-seed stream for GET's z_0), so the images do not depend on --batch or the number of processes. --ckpt takes a
-checkpoint folder, a run folder (its latest checkpoint), a model folder, or an official GET .pth file; the EMA
-weights are used unless --no-ema.
+Every sample is a function of its seed only (get.seeds: EDM's per-seed generators for the latent and the class label,
+and a per-seed stream for GET's z_0), so the images do not depend on --batch or the number of processes. With
+--pairs, the pairs' stored noise and labels are the inputs (each seed's z_0 as always).
+
+--ckpt takes a checkpoint folder, a run folder (its latest checkpoint), a model folder, or an official GET .pth
+file; the EMA weights are used unless --no-ema.
 """
 
 import argparse
 import io
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from get import dist
-from get.edm.sampler import StackedRandomGenerator, parse_seeds, seed_inputs
+from get.images import save_image_grid, save_png, to_uint8
 from get.io import atomic_write_bytes, write_json
 from get.models import GET
-from get.training import derived_seed, latest_checkpoint, save_image_grid
-
-Z0_STREAM = 1  # z_0 of seed s comes from the generator seeded with derived_seed(s, Z0_STREAM)
+from get.seeds import draw_inputs, parse_seeds
+from get.training.checkpoints import latest_checkpoint
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -42,34 +42,15 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def z0_for_seeds(model, seeds, device):
-    """Per-seed initial equilibrium states (B, N, D) of a GET; None for models without one."""
-    if not isinstance(model, GET):
-        return None
-    tokens = (model.input_size // model.patch_size) ** 2
-    rnd = StackedRandomGenerator(device, [derived_seed(s, Z0_STREAM) for s in seeds])
-    return rnd.randn([len(seeds), tokens, model.hidden_size])  # (B, N, D)
-
-
 @torch.no_grad()
-def generate(model, seeds, labels_policy, device, pairs=None):
-    """Samples (B, C, R, R) float32 and labels for a batch of seeds (or the given pairs' noise and labels)."""
+def generate(model, seeds, label_policy, rng_device, device, pairs=None):
+    """Samples (B, C, R, R) float32 and labels (B,) or None of a batch of seeds, drawn through get.seeds; with
+    ``pairs`` (a batch of those seeds' pairs) their stored noise and labels are the inputs, with each seed's z_0."""
+    inputs = draw_inputs(seeds, model, label_policy=label_policy, rng_device=rng_device, device=device)
+    latents, labels = inputs.latents, inputs.labels
     if pairs is not None:
-        noise, labels = pairs["noise"].to(device), pairs.get("label")
-        labels = None if labels is None else labels.to(device)
-    else:
-        shape = SimpleNamespace(channels=model.in_channels, resolution=model.input_size, label_dim=model.num_classes)
-        noise, labels = seed_inputs(seeds, shape, device=device, label_policy=labels_policy)
-    images = model(noise, labels, z0=z0_for_seeds(model, seeds, device))  # (B, C, R, R)
-    return images.float(), labels
-
-
-def write_png(image_u8: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image_u8[..., 0] if image_u8.shape[-1] == 1 else image_u8).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+        latents, labels = pairs["noise"].to(device), None if "label" not in pairs else pairs["label"].to(device)
+    return model(latents, labels, z0=inputs.z0).float(), labels
 
 
 def main(args):
@@ -94,6 +75,9 @@ def main(args):
     else:
         ds, all_seeds = None, parse_seeds(args.seeds)
         total = len(all_seeds)
+    # The pairs' settings decide how their seeds are drawn (z_0 does not depend on them); else the command line's.
+    label_policy, rng_device = (ds.settings.label_policy, ds.settings.rng_device) if ds else (args.labels,
+                                                                                          args.rng_device)
     if args.fid is not None and not Path(args.fid).exists():
         metrics.reference_stats_path(args.fid, model.input_size, args.fid_split, args.fid_mode)
 
@@ -102,17 +86,15 @@ def main(args):
     rank_batches = np.array_split(np.arange(total), num_batches)[rank::world]
     keep = args.npz is not None or args.fid is not None or args.pairs is not None or args.grid is not None
     out_pos, out_seeds, out_images, out_labels = [], [], [], []
-    from get.metrics import to_uint8
-
     for batch in tqdm(rank_batches, disable=not dist.is_main(), desc="sample", unit="batch"):
         if len(batch) == 0:
             continue
         pairs = ds.get_batch(batch.tolist()) if ds is not None else None
         seeds = pairs["seed"].tolist() if pairs is not None else [all_seeds[i] for i in batch]
-        images, labels = generate(model, seeds, args.labels, device, pairs)
+        images, labels = generate(model, seeds, label_policy, rng_device, device, pairs)
         if args.outdir is not None:
             for seed, img in zip(seeds, to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()):
-                write_png(img, args.outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png")
+                save_png(img, args.outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png")
         if keep:
             out_pos.append(torch.from_numpy(batch))
             out_seeds.append(torch.tensor(seeds))
@@ -183,6 +165,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=str, default="0-63", help="seeds in EDM syntax (ignored with --pairs)")
     p.add_argument("--labels", choices=["random", "balanced"], default="random",
                    help="class labels of a conditional model: drawn per seed (EDM) or seed mod classes")
+    p.add_argument("--rng-device", choices=["cpu", "cuda"], default="cpu",
+                   help="device of the per-seed generators (they decide the numbers; ignored with --pairs)")
     p.add_argument("--pairs", type=Path, default=None, help="held-out pair folder: sample its noise, report the MSE")
     p.add_argument("--teacher", type=str, default=None, help="with --pairs: the analytic teacher, for exact metrics")
     p.add_argument("--outdir", type=Path, default=None, help="write one PNG per seed here")

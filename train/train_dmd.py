@@ -1,4 +1,4 @@
-"""DMD / DMD2 distillation with a GET as the one-step generator (spec/DISTILL.md), one process or torchrun DDP.
+"""DMD / DMD2 distillation with a GET as the one-step generator (docs/DISTILL.md), one process or torchrun DDP.
 
     python train/train_dmd.py --method dmd  --generator runs/GET-B-2-.../checkpoints/0800000 --data data/pairs/...
     python train/train_dmd.py --method dmd2 --generator CKPT --data DIR --teacher edm-cifar10-32x32-uncond-vp
@@ -29,35 +29,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from get import dist
-from get.data import EpochSampler, PairDataset
+from get.data import EpochSampler, PairDataset, PairSettings, micro_batches
 from get.distill import dmd
-from get.edm.sampler import parse_seeds, seed_inputs
+from get.images import save_image_grid, to_uint8
 from get.losses import LOSSES, get_loss_fn, lpips_weight_paths
-from get.metrics import MixtureEvaluator, fid, to_uint8
-from get.models import GET, GET_models
+from get.metrics import MixtureEvaluator, fid
+from get.models import GET, GET_models, count_parameters, create_model
+from get.seeds import derived_seed, draw_inputs, parse_seeds, rank_seed, seed_all
 from get.teachers import load_teacher
-from get.training import (
-    MethodWrapper,
-    NonFiniteGuard,
-    StatsLogger,
-    Throughput,
-    add_common_arguments,
-    check_common_arguments,
-    check_ddp_consistency,
-    derived_seed,
-    load_checkpoint,
-    micro_batches,
-    plot_loss_curve,
-    prepare_run_dir,
-    rank_seed,
-    requires_grad,
-    save_checkpoint,
-    save_image_grid,
-    seed_all,
-    update_ema,
-)
-
-SAMPLE_SEED = 0  # z_0 and the re-noising of the sample grids and evaluations: fixed, so they compare across steps
+from get.training.checkpoints import load_checkpoint, prepare_run_dir, save_checkpoint
+from get.training.cli import add_common_arguments, check_common_arguments
+from get.training.guards import NonFiniteGuard
+from get.training.logs import StatsLogger, Throughput, plot_loss_curve
+from get.training.modules import MethodWrapper, check_ddp_consistency, requires_grad, update_ema
 
 #################################################################################
 #                                  Helpers                                      #
@@ -87,8 +71,8 @@ def build_generator(args, ds, device):
     if args.generator is not None:
         model = GET.from_pretrained(args.generator, ema=args.generator_ema, **overrides)
     else:
-        model = GET_models[args.model](input_size=ds.resolution, in_channels=ds.channels,
-                                       num_classes=ds.label_dim if ds.conditional else 0, **overrides)
+        model = create_model(args.model, input_size=ds.resolution, in_channels=ds.channels,
+                             num_classes=ds.label_dim if ds.conditional else 0, **overrides)
     want = dict(input_size=ds.resolution, in_channels=ds.channels, num_classes=ds.label_dim)
     have = {k: model.config[k] for k in want}
     if have != want:
@@ -117,24 +101,29 @@ def build_critic(args, settings, teacher, device):
 
 
 @torch.no_grad()
-def generate(model, seeds, teacher, device, sigmas, label_policy, batch=500):
-    """Samples (N, C, R, R) of seeds: latents and labels from each seed (get.edm.sampler.seed_inputs), fixed z_0."""
-    latents, labels = seed_inputs(seeds, teacher, "cpu", label_policy)
-    z0_gen = torch.Generator(device).manual_seed(SAMPLE_SEED)
-    noise_gen = torch.Generator(device).manual_seed(SAMPLE_SEED + 1)
-    randn_like = lambda t: torch.randn(t.shape, generator=noise_gen, device=t.device, dtype=t.dtype)
-    out = []
+def generate(model, seeds, settings: PairSettings, device, sigmas, batch=500):
+    """Samples (N, C, R, R) and labels of seeds, drawn as every script draws them (get.seeds): latents and labels
+    with the pairs' label policy and generator device, each seed's z_0; a multi-step generator re-noises from each
+    seed's own generator and continues its z_0 stream."""
+    out, labels = [], []
     for i in range(0, len(seeds), batch):
-        lab = None if labels is None else labels[i:i + batch].to(device)
-        sample_fn = lambda inp, lab=lab: model(inp, lab, generator=z0_gen)
-        out.append(dmd.sample_generator(sample_fn, latents[i:i + batch].to(device), sigmas, randn_like).cpu())
-    return torch.cat(out), labels
+        inputs = draw_inputs(seeds[i:i + batch], model, label_policy=settings.label_policy,
+                             rng_device=settings.rng_device, device=device)
+        z0s = [inputs.z0]  # the first call takes the drawn z_0; later calls continue each seed's z_0 stream
+
+        def sample_fn(inp, inputs=inputs, z0s=z0s):
+            z0 = z0s.pop() if z0s else inputs.z0_stream.randn(inputs.z0.shape).to(inp.device)
+            return model(inp, inputs.labels, z0=z0)
+
+        out.append(dmd.sample_generator(sample_fn, inputs.latents, sigmas, inputs.noise.randn_like).cpu())
+        labels.append(None if inputs.labels is None else inputs.labels.cpu())
+    return torch.cat(out), (None if labels[0] is None else torch.cat(labels))
 
 
-def evaluate(model, args, teacher, device, sigmas, label_policy, evaluator):
+def evaluate(model, args, teacher, settings: PairSettings, device, sigmas, evaluator):
     """Rank 0's metrics of the generator on --eval-seeds: the analytic teacher's exact metrics, or FID (--fid-ref)."""
     seeds = parse_seeds(args.eval_seeds)
-    samples, labels = generate(model, seeds, teacher, device, sigmas, label_policy)
+    samples, labels = generate(model, seeds, settings, device, sigmas)
     if evaluator is not None:
         metrics = evaluator(samples, class_labels=labels if teacher.label_dim else None)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -172,7 +161,6 @@ def main(args):
     ds = PairDataset(args.data)
     if len(ds) < args.bs:
         raise ValueError(f"{args.data}: {len(ds)} pairs, fewer than one batch (--bs {args.bs})")
-    label_policy = ds.manifest["settings"].get("label_policy", "random")
     teacher = build_teacher(args, ds, device)
     model, ema = build_generator(args, ds, device)
     critic = build_critic(args, settings, teacher, device)
@@ -221,8 +209,8 @@ def main(args):
             z0_gen.manual_seed(rank_seed(args.seed + step, rank))
             seed_all(rank_seed(args.seed + 1 + step, rank))
         dist.print0(f"Resumed from {ckpt} at step {step}.")
-    dist.print0(f"{args.method.upper()}: GET {sum(p.numel() for p in g_params):,} parameters, fake score "
-                f"{sum(p.numel() for p in c_params):,} (with head); teacher {teacher.name}; {len(ds):,} pairs "
+    dist.print0(f"{args.method.upper()}: GET {count_parameters(model, trainable_only=True):,} parameters, fake "
+                f"score {count_parameters(critic):,} (with head); teacher {teacher.name}; {len(ds):,} pairs "
                 f"{ds.channels}x{ds.resolution}x{ds.resolution}; batch {args.bs} = world {world} x {per_rank}; "
                 f"fake warm-up {fake_warmup} iterations; run {run_dir}")
 
@@ -252,7 +240,7 @@ def main(args):
         return ema if ema is not None else model
 
     def log_metrics(step):
-        metrics = evaluate(sample_model().eval(), args, teacher, device, sigmas, label_policy, evaluator)
+        metrics = evaluate(sample_model().eval(), args, teacher, ds.settings, device, sigmas, evaluator)
         model.train()
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -334,7 +322,7 @@ def main(args):
         if dist.is_main() and args.eval_every and can_eval and (step % args.eval_every == 0 or step == args.steps):
             log_metrics(step)
         if dist.is_main() and (step % args.sample_every == 0 or step == args.steps):
-            images, _ = generate(sample_model(), parse_seeds(args.grid_seeds), teacher, device, sigmas, label_policy)
+            images, _ = generate(sample_model(), parse_seeds(args.grid_seeds), ds.settings, device, sigmas)
             save_image_grid(images, run_dir / "samples" / f"{step:07d}.png")
             plot_loss_curve(run_dir, keys=("loss_dm", "loss_fake"))
         if step % args.ckpt_every == 0 or step == args.steps:

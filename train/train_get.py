@@ -1,4 +1,4 @@
-"""Offline distillation of a GET on teacher noise/image pairs (GET.md §7-8), on one process or with torchrun DDP.
+"""Offline distillation of a GET on teacher noise/image pairs (docs/GET.md), on one process or torchrun DDP.
 
     python train/train_get.py --bs 256                                   # the paper's recipe on one device
     torchrun --nproc-per-node 8 train/train_get.py --bs 256              # 8 GPUs (or: python ... --nproc 8)
@@ -19,31 +19,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from get import dist
-from get.data import EpochSampler, PairDataset
-from get.edm.sampler import parse_seeds, seed_inputs
+from get.data import EpochSampler, PairDataset, PairSettings, micro_batches
+from get.images import save_image_grid
 from get.losses import LOSSES, fp_correction, get_loss_fn
-from get.models import GET_models
-from get.training import (
-    MethodWrapper,
-    NonFiniteGuard,
-    StatsLogger,
-    Throughput,
-    add_common_arguments,
-    check_common_arguments,
-    check_ddp_consistency,
-    load_checkpoint,
-    micro_batches,
-    plot_loss_curve,
-    prepare_run_dir,
-    rank_seed,
-    requires_grad,
-    save_checkpoint,
-    save_image_grid,
-    update_ema,
-)
+from get.models import GET_models, count_parameters, create_model
+from get.seeds import draw_inputs, parse_seeds, rank_seed
+from get.training.checkpoints import load_checkpoint, prepare_run_dir, save_checkpoint
+from get.training.cli import add_common_arguments, check_common_arguments
+from get.training.guards import NonFiniteGuard
+from get.training.logs import StatsLogger, Throughput, plot_loss_curve
+from get.training.modules import MethodWrapper, check_ddp_consistency, requires_grad, update_ema
 
 DEFAULT_DATA = "data/pairs/edm-cifar10-32x32-uncond-vp"  # data_gen/generate.py's default output folder
-GRID_Z0_SEED = 0  # fixed z_0 of the sample grids, so grids of successive steps are comparable
 
 #################################################################################
 #                                  Helpers                                      #
@@ -53,10 +40,9 @@ GRID_Z0_SEED = 0  # fixed z_0 of the sample grids, so grids of successive steps 
 def build_models(args, ds, device):
     """The trained model and its EMA copy (built anew, as torchdeq-normed modules cannot be deep-copied)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
-    deq = {"mem": True} if args.mem else None
-    model = GET_models[args.model](input_size=ds.resolution, in_channels=ds.channels,
-                                   num_classes=ds.label_dim if ds.conditional else 0, backend=args.backend,
-                                   deq=deq).to(device)
+    deq = {"deq": {"mem": True}} if args.mem else {}  # a GET option (the ViT baseline has no solve)
+    model = create_model(args.model, input_size=ds.resolution, in_channels=ds.channels,
+                         num_classes=ds.label_dim if ds.conditional else 0, backend=args.backend, **deq).to(device)
     model.check_finite = False  # the loop checks finiteness itself, once per step, on every rank alike
     ema = type(model)(**model.config).to(device)
     ema.load_state_dict(model.state_dict())
@@ -65,14 +51,12 @@ def build_models(args, ds, device):
 
 
 @torch.no_grad()
-def sample_grid(ema, args, ds, device, path):
-    """EMA samples on the fixed seeds of --grid-seeds (the pairs' own latents and labels for those seeds)."""
-    seeds = parse_seeds(args.grid_seeds)
-    noise, labels = seed_inputs(seeds, ds, device="cpu", label_policy=ds.manifest["settings"].get("label_policy",
-                                                                                                  "random"))
-    gen = torch.Generator(device).manual_seed(GRID_Z0_SEED)
-    images = ema(noise.to(device), None if labels is None else labels.to(device), generator=gen)  # (n, C, R, R)
-    save_image_grid(images, path)
+def grid_images(ema, seeds: list[int], settings: PairSettings, device) -> torch.Tensor:
+    """EMA samples (n, C, R, R) of seeds, drawn as every script draws them (get.seeds): the pairs' own latents and
+    labels for those seeds (their label policy and generator device), and each seed's z_0."""
+    inputs = draw_inputs(seeds, ema, label_policy=settings.label_policy, rng_device=settings.rng_device,
+                         device=device)
+    return ema(inputs.latents, inputs.labels, z0=inputs.z0)
 
 
 #################################################################################
@@ -105,7 +89,9 @@ def main(args):
     if isinstance(crit, torch.nn.Module):
         crit = crit.to(device)
     sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
-    z0_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank))  # z_0 of the trajectories
+    # z_0 of the trajectories, for models that have one (a ViT draws nothing).
+    z0_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank)) if model.input_spec.z0_shape else None
+    generators = {} if z0_gen is None else {"z0": z0_gen}
     guard = NonFiniteGuard(args.max_nonfinite)
 
     # Run folder; resume.
@@ -116,15 +102,16 @@ def main(args):
     run_dir, ckpt = prepare_run_dir(args.outdir, options, args.resume)
     step = 0
     if ckpt is not None:
-        meta = load_checkpoint(ckpt, {"model": model, "ema": ema}, {"opt": opt}, {"z0": z0_gen})
+        meta = load_checkpoint(ckpt, {"model": model, "ema": ema}, {"opt": opt}, generators)
         step = meta["step"]
         sampler.load_state_dict(meta["state"]["sampler"])  # also continues exactly on another world size
         guard.load_state_dict(meta["state"]["guard"])
-        if not meta["rng_restored"]:  # another world size: fresh z_0 streams, still deterministic
+        if not meta["rng_restored"] and z0_gen is not None:  # another world size: fresh z_0 streams, deterministic
             z0_gen.manual_seed(rank_seed(args.seed + step, rank))
         dist.print0(f"Resumed from {ckpt} at step {step} (epoch {sampler.epoch}).")
     kind = "conditional" if ds.conditional else "unconditional"
-    dist.print0(f"GET {args.model}: {sum(p.numel() for p in params):,} trainable parameters; {len(ds):,} {kind} pairs "
+    dist.print0(f"GET {args.model}: {count_parameters(model, trainable_only=True):,} trainable parameters; "
+                f"{len(ds):,} {kind} pairs "
                 f"{ds.channels}x{ds.resolution}x{ds.resolution}; world {world} x micro-batch {micro_bs} x {accum} "
                 f"accumulation = batch {args.bs}; run {run_dir}")
 
@@ -136,15 +123,14 @@ def main(args):
     logger = StatsLogger(run_dir, start_step=step)
     meter = Throughput()
     data = micro_batches(ds, sampler, micro_bs, device)
-    n_states = model.deq_options["grad"]
+    n_states = model.num_states
     sums = torch.zeros(2 + 2 * n_states, device=device, dtype=torch.float64)  # loss, grad norm, states, residuals
     n_ok = 0
 
     def save(step):
         check_ddp_consistency(model)
         state = dict(sampler=sampler.state_dict(), guard=guard.state_dict())
-        save_checkpoint(run_dir, step, {"model": model, "ema": ema}, {"opt": opt}, state, {"z0": z0_gen},
-                        keep=args.keep)
+        save_checkpoint(run_dir, step, {"model": model, "ema": ema}, {"opt": opt}, state, generators, keep=args.keep)
 
     bar = tqdm(total=args.steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True, desc="train")
     while step < args.steps:
@@ -159,12 +145,13 @@ def main(args):
             labels = batch.get("label") if ds.conditional else None
             sync = i == accum - 1 or world == 1
             with (nullcontext() if sync else ddp.no_sync()), autocast:
-                images, info = ddp(batch["noise"], labels, generator=z0_gen, return_info=True)
+                images, info = ddp(batch["noise"], labels, return_info=True, generator=z0_gen)
                 loss, per_state = fp_correction(crit, [x.float() for x in images], batch["image"], gamma=args.gamma)
             (loss / accum).backward()
             loss_sum += loss.detach() / accum
             states_sum += per_state / accum
-            resid_sum += info["abs_trace"].float().mean(dim=0) / accum
+            if "abs_trace" in info:  # the fixed-point residuals of a GET (a ViT has no solve)
+                resid_sum += info["abs_trace"].float().mean(dim=0) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
         ok_local = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         ok = bool(dist.all_mean(ok_local.double()) == 1)  # one host sync per step: every rank takes the same branch
@@ -188,13 +175,15 @@ def main(args):
                 means = (dist.all_mean(sums) / n_ok).tolist()
                 stats.update(loss=means[0], grad_norm=means[1], loss_last=means[1 + n_states])
                 stats.update({f"loss_state{k + 1}": v for k, v in enumerate(means[2:2 + n_states])})
-                stats.update({f"residual{k + 1}": v for k, v in enumerate(means[2 + n_states:])})
+                if model.input_spec.z0_shape is not None:  # a model with an equilibrium solve
+                    stats.update({f"residual{k + 1}": v for k, v in enumerate(means[2 + n_states:])})
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['img_per_s']:.1f}")
             logger.log(step, stats)
             sums.zero_()
             n_ok = 0
         if dist.is_main() and (step % args.sample_every == 0 or step == args.steps):
-            sample_grid(ema, args, ds, device, run_dir / "samples" / f"{step:07d}.png")
+            grid = grid_images(ema, parse_seeds(args.grid_seeds), ds.settings, device)
+            save_image_grid(grid, run_dir / "samples" / f"{step:07d}.png")
             plot_loss_curve(run_dir)
         if step % args.ckpt_every == 0 or step == args.steps:
             save(step)

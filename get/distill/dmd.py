@@ -1,6 +1,6 @@
 """Distribution Matching Distillation with a GET generator: DMD (Yin et al., CVPR 2024) and DMD2 (NeurIPS 2024).
 
-Everything lives in EDM's space (spec/DISTILL.md §1): x_sigma = x + sigma * n, a denoiser D(x; sigma) predicts x_0,
+Everything lives in EDM's space (docs/DISTILL.md): x_sigma = x + sigma * n, a denoiser D(x; sigma) predicts x_0,
 and noise levels come from the 1000-point Karras grid (0.002 ... 80, rho = 7) stored ascending, so "t in [2%, 98%]"
 is the grid index k in [20, 980]. Three networks take part:
 
@@ -66,7 +66,7 @@ Score = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor
 
 @dataclass
 class DMDSettings:
-    """The knobs of DMD and DMD2, with the papers' values as defaults (spec/DISTILL.md §2-3).
+    """The knobs of DMD and DMD2, with the papers' values as defaults (docs/DISTILL.md).
 
     Attributes:
         method: 'dmd' (DM + regression, 1:1 updates) or 'dmd2' (DM + GAN, TTUR, no regression).
@@ -227,7 +227,7 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
 
 
 class GANHead(nn.Module):
-    """DMD2's classifier branch on the fake network's bottleneck features (spec/DISTILL.md §3.3).
+    """DMD2's classifier branch on the fake network's bottleneck features (docs/DISTILL.md).
 
     For an (C', 8, 8) bottleneck it is the official ``cls_pred_branch``: Conv 4x4 stride 2 pad 1 -> GroupNorm -> SiLU
     -> Conv 4x4 stride 4 -> GroupNorm -> SiLU -> Conv 1x1 to one logit. Other sizes get as many stride-2 4x4 convs as

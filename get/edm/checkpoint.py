@@ -1,4 +1,4 @@
-"""Official EDM checkpoints: names -> URLs and cache, a safe reader for their pickles, safetensors conversion.
+"""Official EDM checkpoints: names -> URLs and cache, a safe reader for their pickles (docs/EDM.md).
 
 Cache. Official names (``OFFICIAL_CHECKPOINTS``) are downloaded once into ``<cache>/edm/<name>.pkl``, where
 ``<cache>`` is ``$GET_CACHE`` if set, else ``$XDG_CACHE_HOME/get``, else ``~/.cache/get``. To run offline, put the
@@ -6,12 +6,12 @@ file there yourself.
 
 Safety. The official ``.pkl`` files are snapshots of ``torch_utils.persistence``: every network object carries the
 full Python source of its defining module, which EDM's own loader ``exec``s. :func:`read_edm_pickle` never does: it
-unpickles with an exact allowlist of globals, turns every persistent object into an inert :class:`EDMRecord` (the
-embedded source is only hashed), parses the nested storage blobs itself (sizes checked against the bytes present
-before anything is allocated), rebuilds each tensor as a view checked to lie inside its storage without overlaps,
-and refuses anything else with :class:`UnsafePickleError` naming the global, before importing or calling it.
-:func:`load_edm` then builds *our* class from the recorded class name and constructor keywords (bounded, on the meta
-device) and loads the weights strictly. docs/LOADERS.md lists what every loader accepts and refuses.
+unpickles with an exact allowlist of globals (docs/EDM.md), turns every persistent object into an inert
+:class:`EDMRecord` (the embedded source is only hashed), parses the nested storage blobs itself (sizes checked against
+the bytes present before anything is allocated), rebuilds each tensor as a view checked to lie inside its storage
+without overlaps, and refuses anything else with :class:`UnsafePickleError` naming the global, before importing or
+calling it. :func:`load_edm` then builds *our* class from the recorded class name and constructor keywords (bounded,
+on the meta device) and loads the weights strictly. docs/LOADERS.md lists what every loader accepts and refuses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import collections
 import hashlib
 import inspect
 import io
-import json
 import os
 import pickle
 import urllib.error
@@ -30,17 +29,15 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from get.edm.networks import NETWORKS
 from get.edm.precond import PRECONDITIONERS
-from get.io import read_json, save_safetensors, write_json
 from get.safety import check_int, check_number, strided_layout_error, total_bytes_error
 
 __all__ = [
     "OFFICIAL_CHECKPOINTS", "cache_dir", "resolve_checkpoint", "download", "UnsafePickleError", "EDMRecord",
-    "read_edm_pickle", "state_dict_from_record", "load_edm", "save_teacher", "load_converted",
+    "read_edm_pickle", "state_dict_from_record", "build_network", "load_edm", "load_state_dict_strict",
 ]
 
 _CDN = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
@@ -510,11 +507,11 @@ def build_network(class_name: str, kwargs: dict, where: str, name: str | None = 
     if unknown:
         raise ValueError(f"{where}({model_type}): unsupported constructor argument(s) {unknown}")
     check_constructor_kwargs(kwargs, where)
-    with torch.device("meta"):  # no memory, no random init: the weights are assigned by _load_strict
+    with torch.device("meta"):  # no memory, no random init: the weights are assigned by load_state_dict_strict
         return PRECONDITIONERS[class_name](**kwargs, name=name)
 
 
-def _load_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
+def load_state_dict_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
     """Strict load with a readable error; returns the keys that were converted to the expected dtype. Tensors are
     assigned (not copied), so ``net`` may have been built on the 'meta' device."""
     expected = net.state_dict()
@@ -566,93 +563,8 @@ def load_edm(path_or_name: str | Path, key: str = "ema", name: str | None = None
     error = total_bytes_error(tensors.values(), path.stat().st_size)
     if error:
         raise UnsafePickleError(f"{path}: {error}")
-    converted = _load_strict(net, tensors, str(path))
+    converted = load_state_dict_strict(net, tensors, str(path))
     net.name = name or path.name.removesuffix(".pkl")
     net.source = {"file": path.name, "sha256": sha.hexdigest(), "module_src_sha256": record.module_src_sha256,
                   "converted_dtypes": converted}
     return net.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Our own format: safetensors + JSON.
-
-_FORMAT = "get-teacher"
-_VERSION = 2  # 2: config.json carries config_sha256
-
-
-def _config_sha256(config: dict) -> str:
-    """sha256 of the canonical JSON of config.json without its own ``config_sha256`` field."""
-    body = {k: v for k, v in config.items() if k != "config_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def save_teacher(teacher, directory: str | Path) -> Path:
-    """Writes ``model.safetensors`` (the state dict) and ``config.json`` (class, constructor keywords, name, hashes
-    of the weights and of the config itself) into ``directory`` atomically; ``load_teacher(directory)`` rebuilds the
-    teacher without any pickle."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    identity = teacher.identity()
-    config = {"format": _FORMAT, "version": _VERSION, "name": identity["name"], **identity["config"],
-              "sha256": identity["sha256"], "source": getattr(teacher, "source", None)}
-    config["config_sha256"] = _config_sha256(config)
-    save_safetensors(directory / "model.safetensors", teacher.state_dict())
-    write_json(directory / "config.json", config)
-    return directory
-
-
-# Mixture sizes beyond the tensor shapes: max_frequency sets the work per stored element.
-_MIXTURE_INT_BOUNDS = {"resolution": (1, 1024), "channels": (1, 64), "num_components": (1, 10_000),
-                       "rank": (0, 1024), "max_frequency": (0, 8)}
-
-
-def _check_mixture(kwargs: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """A mixture's sizes must be bounded and agree with its stored tensors before it is built (building computes
-    every parameter from the seed, at a cost that grows with the sizes)."""
-    for key, bounds in _MIXTURE_INT_BOUNDS.items():
-        check_int(kwargs.get(key), key, *bounds, where)
-    K, C, R, r = (kwargs[k] for k in ("num_components", "channels", "resolution", "rank"))
-    expected = {"means": (K, C * R * R), "factors": (K, C * R * R, r), "diag": (K, C * R * R), "log_weights": (K,),
-                "class_of": (K,)}
-    for key, shape in expected.items():
-        got = tuple(tensors[key].shape) if key in tensors else None
-        if got != shape:
-            raise ValueError(f"{where}: config (num_components={K}, channels={C}, resolution={R}, rank={r}) needs "
-                             f"{key} of shape {shape}, the weights have {got}")
-
-
-def load_converted(directory: str | Path):
-    """Reads a folder written by :func:`save_teacher`, verifying the sha256 of the config and of the weights, and
-    checking the config's sizes against the weights' shapes before building anything."""
-    from get.teachers import MixtureTeacher, tensors_sha256  # noqa: PLC0415  (get.teachers imports this module)
-
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory}: a converted teacher needs config.json and model.safetensors")
-    config = read_json(config_path)
-    if not isinstance(config, dict) or config.get("format") != _FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_path}: format is {got!r}, expected {_FORMAT!r}")
-    if config.get("version") != _VERSION:
-        raise ValueError(f"{config_path}: version {config.get('version')!r}, expected {_VERSION} (convert the .pkl "
-                         f"again with save_teacher)")
-    if config.get("config_sha256") != _config_sha256(config):
-        raise ValueError(f"{config_path}: config_sha256 does not match the config (edited or corrupted file)")
-    classes = {**PRECONDITIONERS, "MixtureTeacher": MixtureTeacher}
-    if config.get("class_name") not in classes:
-        raise ValueError(f"{config_path}: unknown class_name {config.get('class_name')!r}; known: {sorted(classes)}")
-    kwargs, name = config.get("kwargs"), config.get("name")
-    if not isinstance(kwargs, dict) or not isinstance(name, str):
-        raise ValueError(f"{config_path}: kwargs must be a dict and name a string")
-    tensors = load_file(str(weights_path))
-    if tensors_sha256(tensors) != config.get("sha256"):
-        raise ValueError(f"{weights_path}: sha256 of the weights does not match config.json (corrupted file?)")
-    if config["class_name"] in PRECONDITIONERS:
-        teacher = build_network(config["class_name"], kwargs, str(config_path), name)
-    else:
-        _check_mixture(kwargs, tensors, str(config_path))
-        teacher = MixtureTeacher(**{**kwargs, "name": name})
-    _load_strict(teacher, tensors, str(weights_path))
-    teacher.source = config.get("source")
-    return teacher.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""EDM's layer primitives, re-implemented from the description in spec/EDM.md §1.
+"""EDM's layer primitives, re-implemented from the description in docs/EDM.md
 
 Parameter and buffer names define the state-dict keys of the official checkpoints, so they are fixed: ``weight`` /
 ``bias`` everywhere, ``resample_filter`` buffers only on resampling convs, ``freqs`` on the Fourier embedding.
@@ -60,7 +60,7 @@ class Linear(nn.Module):
 
 
 class Conv2d(nn.Module):
-    """Convolution with optional 2x up/down-sampling by a separable FIR filter (spec/EDM.md §1.2).
+    """Convolution with optional 2x up/down-sampling by a separable FIR filter (docs/EDM.md).
 
     Args:
         kernel: spatial size; 0 means no weight and no bias (a pure resampling layer).
@@ -140,7 +140,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 class UNetBlock(nn.Module):
-    """Residual block with embedding injection and optional self-attention (spec/EDM.md §1.5).
+    """Residual block with embedding injection and optional self-attention (docs/EDM.md).
 
     Args:
         in_channels, out_channels: channel counts.

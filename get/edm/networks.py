@@ -1,4 +1,4 @@
-"""EDM's U-Nets, re-implemented from spec/EDM.md §2-3 with the official module names.
+"""EDM's U-Nets, re-implemented from docs/EDM.md with the official module names.
 
 ``SongUNet`` is DDPM++ (``embedding_type='positional'``, standard encoder) and NCSN++ (``'fourier'``, residual
 encoder, [1,3,3,1] filter); ``DhariwalUNet`` is ADM. Both take the official constructor keywords and produce the

@@ -1,4 +1,4 @@
-"""EDM's preconditioners (spec/EDM.md §4): D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, labels).
+"""EDM's preconditioners (docs/EDM.md): D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, labels).
 
 Each wraps its U-Net as ``model`` (so every state-dict key starts with ``model.``; iDDPM adds the buffer ``u``) and
 satisfies :class:`get.teachers.Teacher`: ``resolution``, ``channels``, ``label_dim``, ``sigma_min``, ``sigma_max``,
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from get.edm.networks import NETWORKS
+from get.io import tensors_sha256
 
 __all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "PRECONDITIONERS"]
 
@@ -100,8 +101,6 @@ class _Precond(nn.Module):
         return self.model.encode((c_in * x).to(dtype), emb)[-1].to(torch.float32)
 
     def identity(self) -> dict[str, Any]:
-        from get.teachers import tensors_sha256  # noqa: PLC0415  (get.teachers imports get.edm lazily)
-
         return {"name": self.name, "sha256": tensors_sha256(self.state_dict()), "config": self.config}
 
 
