@@ -326,12 +326,18 @@ def one_hot(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
 
 
 def fake_score_from_teacher(teacher: nn.Module) -> nn.Module:
-    """A trainable copy of an EDM teacher network with dropout 0 (as DMD/DMD2 build mu_fake)."""
+    """A trainable copy of an EDM teacher network (as DMD/DMD2 build mu_fake), without what sampling never uses.
+
+    Dropout and label dropout are 0 (the fake score must model the generator, not regularise; DMD2 uses dropout 0).
+    The augmentation embedding ``model.map_augment`` (augment_dim 9 in EDM's CIFAR-10 networks) is left out: the
+    teacher is always called with augment_labels None, so that layer would never receive a gradient, and
+    DistributedDataParallel without find_unused_parameters fails at the second critic forward on such a parameter.
+    """
     config = teacher.config
-    kwargs = dict(config["kwargs"])
-    kwargs["dropout"] = 0.0
+    kwargs = dict(config["kwargs"], dropout=0.0, label_dropout=0.0, augment_dim=0)
     fake = PRECONDITIONERS[config["class_name"]](**kwargs)
-    fake.load_state_dict(teacher.state_dict())
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("model.map_augment.")}
+    fake.load_state_dict(state)  # strict: every other tensor must match the rebuilt network
     return fake.to(next(teacher.parameters()).device).train().requires_grad_(True)
 
 
