@@ -450,3 +450,27 @@ def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
     with pytest.raises(ValueError, match="not those of the teacher"):
         _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
                  "--teacher", "mixture", "--outdir", str(tmp_path / "bad"), "--steps", "1", "--bs", "4")
+
+
+def test_regression_loss_defaults_to_lpips_and_names_missing_weights(tmp_path, monkeypatch):
+    from test_losses import _write_lpips_files  # tests/ is on sys.path under pytest
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no weights in the default place
+    vgg, lin = str(tmp_path / "no-vgg16.pth"), str(tmp_path / "no-heads.pth")
+    with pytest.raises(FileNotFoundError) as err:
+        dmd.regression_loss(vgg_path=vgg, lin_path=lin)
+    for part in (vgg, lin, "--lpips-vgg", "--lpips-lin", "--reg-loss l1"):
+        assert part in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af.pth\) at .*empty-torch-home"):
+        dmd.regression_loss()  # the default is LPIPS, not a silent L1
+    with pytest.raises(ValueError, match="needs 3-channel images, these have 1.*--reg-loss l1"):
+        dmd.regression_loss("lpips", channels=1)
+    with pytest.raises(ValueError, match="--reg-loss 'l3'"):
+        dmd.regression_loss("l3")
+    # Asked for by name, L1 works without any weights.
+    x, y = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    assert dmd.regression_loss("l1")(x, y).item() == pytest.approx(0.5)
+    # With the files present, LPIPS it is.
+    _, _, vgg, lin = _write_lpips_files(tmp_path)
+    lpips = dmd.regression_loss(vgg_path=vgg, lin_path=lin)
+    assert isinstance(lpips, torch.nn.Module) and lpips(x, x).item() == pytest.approx(0.0, abs=1e-6)
