@@ -62,6 +62,27 @@ def lpips_weight_paths() -> tuple[str, str]:
     return os.path.join(folder, VGG16_FILE), os.path.join(folder, "lpips_" + LPIPS_LIN_FILE)
 
 
+LPIPS_FILES = ("torchvision VGG16 ImageNet weights (vgg16-397923af.pth)",
+               "LPIPS v0.1 VGG linear heads (vgg.pth from the lpips package)")  # what each of the two files is
+
+
+def resolve_lpips_paths(vgg_path: str | None = None, lin_path: str | None = None) -> tuple[str, str]:
+    """The VGG16 and LPIPS-head files LPIPS will read (they may not exist): the given paths, else the defaults of
+    :func:`lpips_weight_paths`, the heads falling back to an installed ``lpips`` package's copy."""
+    default_vgg, default_lin = lpips_weight_paths()
+    vgg_path = vgg_path or default_vgg
+    if lin_path is None:
+        lin_path = default_lin
+        try:
+            import lpips as lpips_pkg  # optional: the reference package ships the heads
+
+            pkg_lin = os.path.join(os.path.dirname(lpips_pkg.__file__), "weights", "v0.1", LPIPS_LIN_FILE)
+            lin_path = lin_path if os.path.isfile(lin_path) else pkg_lin
+        except ImportError:
+            pass
+    return vgg_path, lin_path
+
+
 class LPIPS(nn.Module):
     """LPIPS v0.1 with VGG16 features, frozen, for images in [-1, 1].
 
@@ -83,19 +104,8 @@ class LPIPS(nn.Module):
         super().__init__()
         import torchvision
 
-        default_vgg, default_lin = lpips_weight_paths()
-        vgg_path = vgg_path or default_vgg
-        if lin_path is None:
-            lin_path = default_lin
-            try:
-                import lpips as lpips_pkg  # optional: the reference package ships the heads
-
-                pkg_lin = os.path.join(os.path.dirname(lpips_pkg.__file__), "weights", "v0.1", LPIPS_LIN_FILE)
-                lin_path = lin_path if os.path.isfile(lin_path) else pkg_lin
-            except ImportError:
-                pass
-        for path, what in ((vgg_path, "torchvision VGG16 ImageNet weights (vgg16-397923af.pth)"),
-                           (lin_path, "LPIPS v0.1 VGG linear heads (vgg.pth from the lpips package)")):
+        vgg_path, lin_path = resolve_lpips_paths(vgg_path, lin_path)
+        for path, what in zip((vgg_path, lin_path), LPIPS_FILES):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"LPIPS needs the {what}, not found at {path}. Place the file there (this machine has no "

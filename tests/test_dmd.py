@@ -4,6 +4,9 @@ official layout, the schedules, and train/train_dmd.py end to end with exact res
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from get.mixture import MixtureTeacher
 from get.models import GET, GET_models
 from get.teachers import save_teacher
 from get.training.logs import read_stats
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def gaussian_score(mean: float, var: float):
@@ -248,6 +253,86 @@ def test_fake_score_copies_an_edm_teacher_with_dropout_off():
     assert small.config["kwargs"]["model_type"] == "SongUNet" and small.bottleneck(x, sigma).shape == (2, 32, 4, 4)
 
 
+def tiny_cifar_like_teacher(label_dim: int = 2) -> EDMPrecond:
+    """An 8x8 DDPM++ teacher with EDM CIFAR-10's extras: augment_dim 9, dropout and label dropout in training."""
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type="SongUNet", model_channels=16,
+                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.1, label_dropout=0.2,
+                     augment_dim=9)
+    return net.eval().requires_grad_(False)
+
+
+def test_fake_score_copy_drops_unused_layers_and_every_parameter_learns():
+    teacher = tiny_cifar_like_teacher()
+    fake = dmd.make_fake_score(teacher)
+    kwargs = fake.config["kwargs"]
+    assert (kwargs["augment_dim"], kwargs["dropout"], kwargs["label_dropout"]) == (0, 0.0, 0.0)
+    assert fake.model.map_augment is None and teacher.model.map_augment is not None
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 2.0]), dmd.one_hot(torch.tensor([0, 1]), 2)
+    torch.testing.assert_close(fake.train()(x, sigma, labels), teacher(x, sigma, labels))  # same denoiser
+    # One denoising step reaches every parameter: none is left for DDP to wait on.
+    loss = dmd.fake_score_loss(fake, torch.randn(4, 3, 8, 8), torch.tensor([0.01, 0.5, 3.0, 60.0]),
+                               torch.randn(4, 3, 8, 8), dmd.one_hot(torch.tensor([0, 1, 1, 0]), 2))
+    loss.backward()
+    missing = [name for name, p in fake.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+
+
+DDP_CRITIC_WORKER = """
+import argparse, json, pathlib
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from get import dist
+from get.distill import dmd
+from get.edm.precond import EDMPrecond
+
+def main(args):
+    dist.init("cpu")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    teacher = EDMPrecond(img_resolution=8, img_channels=3, label_dim=2, model_type="SongUNet", model_channels=16,
+                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.1, label_dropout=0.2,
+                         augment_dim=9).eval().requires_grad_(False)
+    settings = dmd.DMDSettings("dmd2")
+    fake = dmd.make_fake_score(teacher)
+    head = dmd.GANHead(*dmd.bottleneck_shape(fake, 3, 8, 2)[:2])
+    critic = DDP(dmd.Critic(settings, fake, head, dmd.karras_sigmas()))  # no find_unused_parameters
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-4)
+    torch.manual_seed(1 + rank)
+    losses = []
+    for _ in range(2):  # the second forward is where DDP fails on a parameter the first left without gradient
+        labels = dmd.one_hot(torch.randint(2, (4,)), 2)
+        loss, _ = critic(torch.randn(4, 3, 8, 8), labels, torch.randn(4, 3, 8, 8), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    checksum = sum(p.double().sum().item() for p in critic.parameters())
+    out = pathlib.Path(args.out) / f"rank-{rank}.json"
+    out.write_text(json.dumps({"losses": losses, "checksum": checksum}))
+    dist.cleanup()
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    a = p.parse_args()
+    dist.launch(main, 2, a)
+"""
+
+
+def test_fake_score_copy_trains_under_ddp_without_unused_parameters(tmp_path):
+    """Two gloo ranks, DMD2's critic (fake copy of an augment_dim-9 teacher + head) in DDP, two updates."""
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_CRITIC_WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert all(len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"]) for r in results)
+    assert results[0]["checksum"] == results[1]["checksum"]  # gradients were averaged: the ranks agree
+
+
 def test_residual_fake_score_starts_at_the_teacher():
     teacher = MixtureTeacher.preset("demo")
     fake = dmd.make_fake_score(teacher, "residual", model_channels=8)
@@ -272,7 +357,6 @@ def test_residual_fake_score_starts_at_the_teacher():
 # ----------------------------------------------------------------------------
 # train/train_dmd.py end to end.
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_script(name: str, path: Path):
@@ -366,3 +450,27 @@ def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
     with pytest.raises(ValueError, match="not those of the teacher"):
         _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
                  "--teacher", "mixture", "--outdir", str(tmp_path / "bad"), "--steps", "1", "--bs", "4")
+
+
+def test_regression_loss_defaults_to_lpips_and_names_missing_weights(tmp_path, monkeypatch):
+    from test_losses import _write_lpips_files  # tests/ is on sys.path under pytest
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no weights in the default place
+    vgg, lin = str(tmp_path / "no-vgg16.pth"), str(tmp_path / "no-heads.pth")
+    with pytest.raises(FileNotFoundError) as err:
+        dmd.regression_loss(vgg_path=vgg, lin_path=lin)
+    for part in (vgg, lin, "--lpips-vgg", "--lpips-lin", "--reg-loss l1"):
+        assert part in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af.pth\) at .*empty-torch-home"):
+        dmd.regression_loss()  # the default is LPIPS, not a silent L1
+    with pytest.raises(ValueError, match="needs 3-channel images, these have 1.*--reg-loss l1"):
+        dmd.regression_loss("lpips", channels=1)
+    with pytest.raises(ValueError, match="--reg-loss 'l3'"):
+        dmd.regression_loss("l3")
+    # Asked for by name, L1 works without any weights.
+    x, y = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    assert dmd.regression_loss("l1")(x, y).item() == pytest.approx(0.5)
+    # With the files present, LPIPS it is.
+    _, _, vgg, lin = _write_lpips_files(tmp_path)
+    lpips = dmd.regression_loss(vgg_path=vgg, lin_path=lin)
+    assert isinstance(lpips, torch.nn.Module) and lpips(x, x).item() == pytest.approx(0.0, abs=1e-6)

@@ -20,7 +20,8 @@ Losses (pure functions below; the ``*_loss`` compositions are what the trainer c
   ``0.5 * mean((x - sg(x - g))^2)``, whose gradient in x is g / x.numel();
 * fake-score denoising: EDM-weighted ``mean(lambda(sigma) (D_fake(x_sigma) - sg(x))^2)``, lambda = 1/sigma^2 +
   1/sigma_data^2, k ~ U{0..999};
-* DMD regression on teacher pairs (z_ref, y_ref): ``0.25 * loss(G(z_ref), y_ref)`` (LPIPS in the paper);
+* DMD regression on teacher pairs (z_ref, y_ref): ``0.25 * loss(G(z_ref), y_ref)``, LPIPS as in the paper
+  (:func:`regression_loss`: missing LPIPS weights are an error, L1 only when asked for);
 * DMD2 GAN (non-saturating, logits l = head(fake bottleneck of the noised image), k ~ U{0..999}): generator
   ``3e-3 * mean softplus(-l_fake)``, critic ``1e-2 * (mean softplus(l_fake) + mean softplus(-l_real))``;
 * two time-scale update rule: the generator updates on iterations ``step % ttur == 0`` (DMD: ttur 1; DMD2: 5), the
@@ -39,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ from torch import nn
 
 from get.edm.precond import PRECONDITIONERS, EDMPrecond
 from get.edm.sampler import edm_time_steps
+from get.losses import LOSSES, LPIPS_FILES, get_loss_fn, resolve_lpips_paths
 
 __all__ = [
     "METHODS", "DMDSettings", "karras_sigmas", "index_range", "sample_sigma", "dm_gradient", "surrogate_loss",
@@ -53,7 +56,7 @@ __all__ = [
     "gan_discriminator_loss", "GANHead", "gan_logits", "is_generator_turn", "generator_input", "backward_simulation",
     "sample_generator", "one_hot", "make_fake_score", "small_fake_score", "fake_score_from_teacher", "is_edm_network",
     "ResidualFakeScore", "FAKE_KINDS",
-    "generator_loss", "critic_loss", "Critic", "bottleneck_shape",
+    "generator_loss", "critic_loss", "Critic", "bottleneck_shape", "regression_loss",
 ]
 
 METHODS = ("dmd", "dmd2")
@@ -186,6 +189,46 @@ def distribution_matching_loss(x: torch.Tensor, real_score: Score, fake_score: S
         d_fake = fake_score(x_sigma, sigma, class_labels).to(x.dtype)
         grad = dm_gradient(x0, d_real, d_fake)
     return surrogate_loss(x, grad), grad
+
+
+# ----------------------------------------------------------------------------
+# DMD's regression on teacher pairs.
+
+
+def regression_loss(name: str = "lpips", channels: int = 3, vgg_path: str | None = None,
+                    lin_path: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """DMD's regression loss (pred, target) -> scalar on the pairs: LPIPS by default, as in the paper.
+
+    lambda_reg = 0.25 was tuned for LPIPS, whose values are on another scale than L1's, so a missing LPIPS file is an
+    error, never a silent switch to L1; another loss (one of get.losses.LOSSES) must be asked for by name. Move the
+    returned module to the device (``.to(device)``) when it is one.
+
+    Args:
+        name: 'lpips' (the default) or another of get.losses.LOSSES ('l1', ...).
+        channels: the images' channels (LPIPS needs 3).
+        vgg_path, lin_path: the LPIPS weight files (default: torch hub's checkpoint folder, see
+            get.losses.lpips_weight_paths).
+
+    Raises:
+        FileNotFoundError: LPIPS asked for and a weight file is missing; the message names every missing file and the
+            flags that fix it.
+        ValueError: an unknown loss, or LPIPS on images without 3 channels.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"--reg-loss {name!r}: DMD's regression loss must be one of {', '.join(LOSSES)}")
+    if name != "lpips":
+        return get_loss_fn(name)
+    if channels != 3:
+        raise ValueError(f"--reg-loss lpips needs 3-channel images, these have {channels}; choose another loss "
+                         f"explicitly, e.g. --reg-loss l1 (and retune --reg-weight, whose 0.25 is for LPIPS)")
+    paths = resolve_lpips_paths(vgg_path, lin_path)
+    missing = [f"{what} at {path}" for path, what in zip(paths, LPIPS_FILES) if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"DMD's regression loss is LPIPS by default (--reg-weight 0.25 was tuned for it), but its weights are "
+            f"missing: {'; '.join(missing)}. Place the files there or pass --lpips-vgg PATH / --lpips-lin PATH; or "
+            f"choose another loss explicitly with --reg-loss l1 (and retune --reg-weight).")
+    return get_loss_fn("lpips", vgg_path=paths[0], lin_path=paths[1])
 
 
 # ----------------------------------------------------------------------------
@@ -326,12 +369,18 @@ def one_hot(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
 
 
 def fake_score_from_teacher(teacher: nn.Module) -> nn.Module:
-    """A trainable copy of an EDM teacher network with dropout 0 (as DMD/DMD2 build mu_fake)."""
+    """A trainable copy of an EDM teacher network (as DMD/DMD2 build mu_fake), without what sampling never uses.
+
+    Dropout and label dropout are 0 (the fake score must model the generator, not regularise; DMD2 uses dropout 0).
+    The augmentation embedding ``model.map_augment`` (augment_dim 9 in EDM's CIFAR-10 networks) is left out: the
+    teacher is always called with augment_labels None, so that layer would never receive a gradient, and
+    DistributedDataParallel without find_unused_parameters fails at the second critic forward on such a parameter.
+    """
     config = teacher.config
-    kwargs = dict(config["kwargs"])
-    kwargs["dropout"] = 0.0
+    kwargs = dict(config["kwargs"], dropout=0.0, label_dropout=0.0, augment_dim=0)
     fake = PRECONDITIONERS[config["class_name"]](**kwargs)
-    fake.load_state_dict(teacher.state_dict())
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("model.map_augment.")}
+    fake.load_state_dict(state)  # strict: every other tensor must match the rebuilt network
     return fake.to(next(teacher.parameters()).device).train().requires_grad_(True)
 
 
