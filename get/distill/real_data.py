@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from get.data import EpochSampler, PairDataset
-from get.training import derived_seed
+from get.seeds import derived_seed
 
 __all__ = ["RealDataError", "RealSource", "TeacherSamples", "PairImages", "NpzImages", "PngFolder", "Cifar10Binary",
            "make_real_source", "default_real_spec", "REAL_SPECS"]
