@@ -116,7 +116,9 @@ def mm_sampler(generator: Denoiser, latents: torch.Tensor, class_labels: torch.T
         class_labels: passed to the generator unchanged (int64 (B,) or one-hot (B, label_dim); None).
         num_steps: k (the paper uses 1, 2, 4, 8); k = 1 is one-step generation.
         randn_like: noise for the k - 1 posterior draws; ``StackedRandomGenerator(device, seeds).randn_like`` makes
-            each sample a function of its own seed (drawn in step order, after the seed's latent and label).
+            each sample a function of its own seed (drawn in step order, after the seed's latent and label). A GET
+            generator also draws its initial equilibrium state: fix it per seed too (e.g. ``lambda z, s, y:
+            D(z, s, y, z0=z0)`` with a per-seed z0) when samples must depend on their seeds only.
         sigma_min, sigma_max, rho: the t -> sigma map (:func:`sigma_of_t`).
 
     Returns:
