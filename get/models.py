@@ -392,7 +392,8 @@ class GET(_PatchTransformer):
             return c
         if sigma is None:
             raise ValueError("this GET is noise-conditioned (noise_cond=True): pass sigma=... (a scalar or (B,))")
-        sigma = as_sigma(sigma, noise.shape[0], noise.device, noise.dtype, "GET", self.check_finite)  # (B,)
+        dtype = torch.promote_types(noise.dtype, torch.float32)  # ln(sigma) at least in float32, also for bf16 inputs
+        sigma = as_sigma(sigma, noise.shape[0], noise.device, dtype, "GET", self.check_finite)  # (B,)
         shift = self.noise_embedder(sigma)  # (B, 1, 3D)
         return shift if c is None else c + shift
 
@@ -518,12 +519,12 @@ class ViT(_PatchTransformer):
 
 
 def _load_state_dict(model, state_dict: dict, add_noise_embedder: bool, where: str) -> list[str]:
-    """Strict load, except that with ``add_noise_embedder`` the noise embedder's keys may be absent from the file:
-    they keep the model's initial values. Returns those keys (the new ones)."""
+    """Strict load, except that with ``add_noise_embedder`` a file without any noise-embedder key loads: those keys
+    keep the model's initial values. Returns them (the new keys); a file with only some of them fails to load."""
     new_keys = []
-    if add_noise_embedder:
+    if add_noise_embedder and not any(k.startswith("noise_embedder.") for k in state_dict):
         own = model.state_dict()
-        new_keys = [k for k in own if k.startswith("noise_embedder.") and k not in state_dict]
+        new_keys = [k for k in own if k.startswith("noise_embedder.")]
         state_dict = {**state_dict, **{k: own[k] for k in new_keys}}
         logger.info("%s: noise_cond=True: %d new key(s) start at their initial values (zero last layer, so the "
                     "outputs are unchanged): %s", where, len(new_keys), ", ".join(new_keys))

@@ -119,6 +119,12 @@ def test_strict_loading_is_otherwise_unchanged(tmp_path):
     # A noise-conditioned file into a model without the input: the embedder keys are unexpected.
     with pytest.raises(RuntimeError, match="Unexpected key.*noise_embedder"):
         GET.from_pretrained(_saved(cond, tmp_path / "cond"), noise_cond=False)
+    # A file without noise_cond in its config but with part of an embedder is not completed silently.
+    sd = cond.state_dict()
+    del sd["noise_embedder.mlp.0.bias"]
+    plain.save_pretrained(tmp_path / "partial_embedder", state_dict=sd)
+    with pytest.raises(RuntimeError, match="noise_embedder.mlp.0.bias"):
+        GET.from_pretrained(tmp_path / "partial_embedder", noise_cond=True)
     # Another missing key is still an error with noise_cond=True.
     sd = plain.state_dict()
     del sd["qkv_inj.weight"]
