@@ -64,6 +64,7 @@ def chain_moments(denoiser, num_steps, n=3000):
 
 def test_sigma_of_t_is_the_karras_schedule():
     assert sigma_of_t(1.0).item() == 80.0 and sigma_of_t(0.0).item() == pytest.approx(0.002, rel=1e-12)
+    assert sigma_of_t(torch.tensor([1.0]), sigma_max=100.0).item() == 100.0  # (100^(1/7))^7 alone rounds
     N = 18
     t = 1 - torch.arange(N, dtype=F64) / (N - 1)  # EDM's step i is t = 1 - i/(N-1)
     torch.testing.assert_close(sigma_of_t(t), edm_time_steps(N)[:-1], rtol=1e-12, atol=0)

@@ -24,8 +24,9 @@ F onto the GET as follows.
 
 Expanded, D = (c_out(sigma) / c_out(sigma_M)) y + (c_skip(sigma) - (c_out(sigma) / c_out(sigma_M)) c_skip(sigma_M)
 r(sigma)) x; at sigma = sigma_M the first coefficient is exactly 1 and the second exactly 0, so D(x_T; sigma_M) is
-bit-identical to GET(z) whenever x_T / sigma_M reproduces z exactly (x_T = sigma_M z formed in float64, as
-``edm_sampler`` and :func:`get.distill.moment_matching.mm_sampler` do).
+bit-identical to GET(z) whenever x_T / sigma_M reproduces z exactly: x_T = sigma_M z formed in float64, as
+:func:`get.distill.moment_matching.mm_sampler` does (``edm_sampler`` too when its first step rounds to sigma_max
+exactly, as 80 does); otherwise equal to rounding.
 
 Which GET iterate D returns: ``forward`` (the evaluation solve, lowest-residual iterate, no gradient through the
 solve) by default, for sampling; ``differentiable=True`` returns the last state of ``trajectory`` (the gradient-tracked

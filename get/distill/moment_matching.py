@@ -51,7 +51,7 @@ def sigma_of_t(t: torch.Tensor | float, sigma_min: float = 0.002, sigma_max: flo
                ) -> torch.Tensor:
     """The continuous Karras map t in [0, 1] -> sigma in [sigma_min, sigma_max] (EDM units), float64, t's shape.
 
-    Written as EDM writes its schedule (from sigma_max down), so t = 1 gives sigma_max exactly.
+    Written as EDM writes its schedule (from sigma_max down); t = 1 gives sigma_max exactly.
     """
     if not 0 < sigma_min < sigma_max or rho <= 0:
         raise ValueError(f"sigma_of_t: need 0 < sigma_min < sigma_max and rho > 0, got sigma_min={sigma_min}, "
@@ -60,7 +60,9 @@ def sigma_of_t(t: torch.Tensor | float, sigma_min: float = 0.002, sigma_max: flo
     if not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"sigma_of_t: t must lie in [0, 1], got min {t.min().item()} max {t.max().item()}")
     hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (hi + (1 - t) * (lo - hi)) ** rho
+    # (sigma_max^(1/rho))^rho rounds for most sigma_max (80 is exact, 100 is not): pin t = 1 to sigma_max, where a
+    # GETDenoiser is exactly the one-step GET.
+    return torch.where(t == 1, sigma_max, (hi + (1 - t) * (lo - hi)) ** rho)
 
 
 def sampler_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
