@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import math
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from timm.layers import PatchEmbed
 import get_kernels
 from get.deq import EquilibriumSolver, validate_deq_options
 from get.io import read_json, save_safetensors, write_json
+from get.noise_cond import NoiseEmbedder, as_sigma
 from get.safety import check_int, check_number, check_torch_zip, tensor_layout_error, total_bytes_error
 from get.seeds import InputSpec
 
@@ -40,6 +42,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 LN_EPS = 1e-6  # every LayerNorm in GET
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -270,7 +273,13 @@ class _PatchTransformer(nn.Module):
             ema: load the EMA weights when present (the official evaluation uses them).
             map_location: device for the loaded tensors.
             **overrides: constructor keywords that do not change the weights (e.g. ``backend``, DEQ options,
-                ``num_heads`` for an official file without ``args.model`` whose D is not a multiple of 64).
+                ``num_heads`` for an official file without ``args.model`` whose D is not a multiple of 64), or
+                ``noise_cond=True`` on a file without a noise embedder: the embedder's keys are then the only ones
+                allowed to be missing; they keep their initial values (zero last layer: the outputs are unchanged).
+
+        Returns:
+            The model. Its ``new_keys`` attribute lists the state-dict keys that were not in the file (empty unless
+            ``noise_cond=True`` added a noise embedder); they are also logged at INFO level.
 
         Raises:
             ValueError / KeyError: naming the file and key, when the file is malformed or its config (``args`` of an
@@ -299,10 +308,11 @@ class _PatchTransformer(nn.Module):
             raise ValueError(f"{path}: unknown model class {class_name!r} in the config")
         if cls not in (_PatchTransformer, model_cls):
             raise ValueError(f"{path} holds a {class_name}, not a {cls.__name__}")
+        add_noise_embedder = overrides.get("noise_cond") is True and not config.get("noise_cond", False)
         config = {**config, **overrides}
         _check_config(model_cls, config, state_dict, where)  # before building: sizes bounded and equal to the file's
         model = model_cls(**config)
-        model.load_state_dict(state_dict, strict=True)
+        model.new_keys = _load_state_dict(model, state_dict, add_noise_embedder, where)
         return model.to(map_location)
 
 
@@ -322,6 +332,9 @@ class GET(_PatchTransformer):
         num_classes: 0 for unconditional, else the number of classes of the additive class embedding.
         backend: kernel backend 'triton' or 'torch'; None picks triton on CUDA and torch elsewhere.
         deq: DEQ options (see ``get.deq.DEQ_DEFAULTS``; paper values by default).
+        noise_cond: add a noise-level input ``sigma`` (EDM units) to ``forward`` and ``trajectory``: its embedding
+            (``get.noise_cond.NoiseEmbedder``) is added to the class embedding in every block's qkv. Its last layer
+            starts at zero, so the outputs equal those of the same weights without it until it is trained.
 
     Example:
         >>> model = GET_models['GET-XXS/2'](input_size=16).eval()
@@ -343,7 +356,10 @@ class GET(_PatchTransformer):
         num_classes: int = 0,
         backend: str | None = None,
         deq: dict | None = None,
+        noise_cond: bool = False,
     ):
+        if not isinstance(noise_cond, bool):
+            raise ValueError(f"noise_cond must be True or False, got {noise_cond!r}")
         super().__init__(input_size, patch_size, in_channels, hidden_size, num_heads, num_classes, backend)
         self.depth, self.deq_depth = depth, deq_depth
         self.mlp_ratio, self.deq_mlp_ratio = mlp_ratio, deq_mlp_ratio
@@ -353,6 +369,10 @@ class GET(_PatchTransformer):
         self.deq_blocks = nn.ModuleList([GETBlock(hidden_size, num_heads, deq_mlp_ratio) for _ in range(deq_depth)])
         self.solver = EquilibriumSolver(**self.deq_options)
         self._init_weights()
+        self.noise_cond = noise_cond
+        # Built after _init_weights: the other weights draw the same random numbers as without it (same seed, same
+        # weights), and its keys come after the official ones.
+        self.noise_embedder = NoiseEmbedder(hidden_size) if noise_cond else None
 
     @property
     def config(self) -> dict:
@@ -362,6 +382,7 @@ class GET(_PatchTransformer):
             deq_depth=self.deq_depth,
             deq_mlp_ratio=self.deq_mlp_ratio,
             deq=dict(self.deq_options),
+            noise_cond=self.noise_cond,
         )
 
     @property
@@ -375,9 +396,22 @@ class GET(_PatchTransformer):
         tokens = (self.input_size // self.patch_size) ** 2
         return InputSpec(self.in_channels, self.input_size, self.num_classes, (tokens, self.hidden_size))
 
-    def _prepare(self, noise, class_labels, z0, generator):
+    def _condition(self, c, sigma, noise):
+        """The qkv shift (B, 1, 3D) or None: the class embedding c plus, when noise_cond, the noise-level embedding."""
+        if not self.noise_cond:
+            if sigma is not None:
+                raise ValueError("sigma was given but this GET has no noise-level input (noise_cond=False)")
+            return c
+        if sigma is None:
+            raise ValueError("this GET is noise-conditioned (noise_cond=True): pass sigma=... (a scalar or (B,))")
+        dtype = torch.promote_types(noise.dtype, torch.float32)  # ln(sigma) at least in float32, also for bf16 inputs
+        sigma = as_sigma(sigma, noise.shape[0], noise.device, dtype, "GET", self.check_finite)  # (B,)
+        shift = self.noise_embedder(sigma)  # (B, 1, 3D)
+        return shift if c is None else c + shift
+
+    def _prepare(self, noise, class_labels, z0, generator, sigma=None):
         """Everything before the solve: InjT once, the per-block injections, and z_0."""
-        c = self._check_inputs(noise, class_labels)
+        c = self._condition(self._check_inputs(noise, class_labels), sigma, noise)
         ops = self._ops(noise.device)
         x = self.embed(noise)  # (B, N, D)
         for block in self.blocks:
@@ -404,7 +438,7 @@ class GET(_PatchTransformer):
 
         return f, z0, ops
 
-    def forward(self, noise, class_labels=None, z0=None, generator=None, return_info=False):
+    def forward(self, noise, class_labels=None, z0=None, generator=None, return_info=False, *, sigma=None):
         """One-step generation: ``eval_f_max_iter`` fixed-point iterations, lowest-residual iterate, decode.
 
         Args:
@@ -413,6 +447,8 @@ class GET(_PatchTransformer):
             z0: (B, N, D) initial equilibrium state; default Gaussian from ``generator``.
             generator: torch.Generator for z_0, so a forward pass is reproducible.
             return_info: also return solver statistics (``abs_trace`` (B, K), ``abs_lowest``, ``nstep``, ...).
+            sigma: noise level(s) in EDM units (noise standard deviation), a scalar or (B,), > 0; required when the
+                model has ``noise_cond``, refused otherwise.
 
         Returns:
             images (B, C, H, W), and the info dict when ``return_info``.
@@ -420,15 +456,16 @@ class GET(_PatchTransformer):
         Raises:
             NonFiniteError: when the solve produced NaN or inf.
         """
-        f, z0, ops = self._prepare(noise, class_labels, z0, generator)
+        f, z0, ops = self._prepare(noise, class_labels, z0, generator, sigma)
         z_star, info = self.solver.solve(f, z0)  # (B, N, D)
         images = self.decode(z_star, ops)  # (B, C, H, W)
         # The selection never picks a NaN iterate (NaN < r is False), so check the residuals too.
         self._check_finite(info["abs_trace"], images)
         return (images, info) if return_info else images
 
-    def trajectory(self, noise, class_labels=None, z0=None, generator=None, return_info=False):
-        """Training path: the decoded states of the ``grad`` (6) gradient-tracked fixed-point steps.
+    def trajectory(self, noise, class_labels=None, z0=None, generator=None, return_info=False, *, sigma=None):
+        """Training path: the decoded states of the ``grad`` (6) gradient-tracked fixed-point steps; arguments as
+        :meth:`forward`.
 
         Returns:
             list of ``grad`` images (B, C, H, W), first to last, for the fixed-point-correction loss; with
@@ -437,7 +474,7 @@ class GET(_PatchTransformer):
         Raises:
             NonFiniteError: when a state is NaN or inf.
         """
-        f, z0, ops = self._prepare(noise, class_labels, z0, generator)
+        f, z0, ops = self._prepare(noise, class_labels, z0, generator, sigma)
         states, info = self.solver.trajectory(f, z0)
         images = [self.decode(z, ops) for z in states]
         self._check_finite(info["abs_trace"], images[-1])
@@ -510,6 +547,20 @@ class ViT(_PatchTransformer):
 #################################################################################
 #                           Official checkpoints                                #
 #################################################################################
+
+
+def _load_state_dict(model, state_dict: dict, add_noise_embedder: bool, where: str) -> list[str]:
+    """Strict load, except that with ``add_noise_embedder`` a file without any noise-embedder key loads: those keys
+    keep the model's initial values. Returns them (the new keys); a file with only some of them fails to load."""
+    new_keys = []
+    if add_noise_embedder and not any(k.startswith("noise_embedder.") for k in state_dict):
+        own = model.state_dict()
+        new_keys = [k for k in own if k.startswith("noise_embedder.")]
+        state_dict = {**state_dict, **{k: own[k] for k in new_keys}}
+        logger.info("%s: noise_cond=True: %d new key(s) start at their initial values (zero last layer, so the "
+                    "outputs are unchanged): %s", where, len(new_keys), ", ".join(new_keys))
+    model.load_state_dict(state_dict, strict=True)
+    return new_keys
 
 
 def _fold_weight_norm(state_dict: dict, where: str) -> dict:
