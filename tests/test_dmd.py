@@ -16,6 +16,7 @@ from get.edm.precond import EDMPrecond
 from get.mixture import MixtureTeacher
 from get.models import GET, GET_models
 from get.teachers import save_teacher
+from get.training.cli import UserError
 from get.training.logs import read_stats
 
 
@@ -338,7 +339,7 @@ def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path):
         ta = load_file(str(ckpt_a / f"{name}.safetensors"))
         tb = load_file(str(tmp_path / "init/checkpoints/0000001" / f"{name}.safetensors"))
         assert all(torch.equal(ta[k], tb[k]) for k in ta), name
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "full"), "--steps", "6")
 
 
@@ -363,6 +364,6 @@ def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
     assert "loss_dm" not in train[0] and "loss_reg" in train[1] and "loss_reg" in train[2]  # warm-up, then G
     options = json.loads((tmp_path / "run/options.json").read_text())
     assert options["fake_score_resolved"] == "scratch" and options["settings"]["reg_weight"] == 0.25
-    with pytest.raises(ValueError, match="not those of the teacher"):
+    with pytest.raises(UserError, match="not those of the teacher"):
         _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
                  "--teacher", "mixture", "--outdir", str(tmp_path / "bad"), "--steps", "1", "--bs", "4")

@@ -18,6 +18,7 @@ from get.losses import fp_correction, l1_loss
 from get.models import GET
 from get.seeds import draw_inputs, rank_seed
 from get.training.checkpoints import CheckpointMismatchError
+from get.training.cli import UserError
 from get.training.guards import TrainingDivergedError
 from get.training.logs import read_stats
 
@@ -97,9 +98,11 @@ def test_resume_is_exact_and_outputs(tmp_path):
     first = ds.get_batch(sampler.indices()[:8])["image"]
     assert full[0]["loss_state1"] == pytest.approx(first.abs().mean().item(), rel=1e-6)
     # Another model config is refused, naming the difference.
-    with pytest.raises(CheckpointMismatchError, match="hidden_size: checkpoint 64 vs now 128"):
+    with pytest.raises(UserError, match="hidden_size: checkpoint 64 vs now 128") as refused:
         train_get.main(train_get.parse_args(["--data", str(data), "--outdir", str(part), "--model", "GET-XS/2",
                                              "--bs", "8", "--steps", "8", "--resume"]))
+    assert isinstance(refused.value.__cause__, CheckpointMismatchError)
+    assert not (part / "options-resume-0000006.json").exists()  # a refused resume leaves the run folder as it was
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
@@ -107,7 +110,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     out = tmp_path / "run"
     run(good, out, steps=2)
     # Every pair of `bad` gives a NaN loss: steps 3 and 4 are skipped; weights, EMA and optimiser stay as at step 2.
-    stats = run(bad, out, "--resume", "--max-nonfinite", "3", steps=4)
+    stats = run(bad, out, "--resume", "--allow-data-change", "--max-nonfinite", "3", steps=4)
     assert [(r["step"], r["skipped"], "loss" in r) for r in stats[2:]] == [(3, 1, False), (4, 2, False)]
     ckpt2, ckpt4 = out / "checkpoints" / "0000002", out / "checkpoints" / "0000004"
     for name in ("model.safetensors", "ema.safetensors"):
@@ -118,7 +121,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) and oa[i]["step"] == ob[i]["step"] for i in oa)
     # A third bad step in a row stops the run with a clear message; the last good checkpoint stays the latest.
     with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
-        run(bad, out, "--resume", "--max-nonfinite", "3", steps=10)
+        run(bad, out, "--resume", "--allow-data-change", "--max-nonfinite", "3", steps=10)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0000002", "0000004"]
 
 

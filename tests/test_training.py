@@ -15,6 +15,7 @@ from get.training.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     prepare_run_dir,
+    record_options,
     save_checkpoint,
 )
 from get.training.guards import NonFiniteGuard, TrainingDivergedError
@@ -162,16 +163,20 @@ def test_legacy_format_optimizer_and_rng_files_are_refused(tmp_path):
 
 
 def test_prepare_run_dir_refuses_to_overwrite(tmp_path):
-    run_dir, ckpt = prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
-    assert ckpt is None and json.loads((run_dir / "options.json").read_text()) == {"lr": 1e-4}
+    run_dir, ckpt = prepare_run_dir(tmp_path / "run", resume=False)
+    assert ckpt is None and not run_dir.exists()  # the checks write nothing
+    record_options(run_dir, {"lr": 1e-4}, ckpt)
+    assert json.loads((run_dir / "options.json").read_text()) == {"lr": 1e-4}
     with pytest.raises(FileExistsError, match="pass --resume"):
-        prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
+        prepare_run_dir(tmp_path / "run", resume=False)
     model, _, opt = _tiny_run(tmp_path)
     save_checkpoint(run_dir, 5, {"model": model}, {"opt": opt})
     with pytest.raises(FileExistsError, match="latest checkpoint 0000005"):
-        prepare_run_dir(run_dir, {"lr": 1e-4}, resume=False)
-    _, ckpt = prepare_run_dir(run_dir, {"lr": 2e-4}, resume=True)
-    assert ckpt.name == "0000005" and (run_dir / "options-resume-0000005.json").exists()
+        prepare_run_dir(run_dir, resume=False)
+    _, ckpt = prepare_run_dir(run_dir, resume=True)
+    assert ckpt.name == "0000005" and not (run_dir / "options-resume-0000005.json").exists()
+    record_options(run_dir, {"lr": 2e-4}, ckpt)
+    assert json.loads((run_dir / "options-resume-0000005.json").read_text()) == {"lr": 2e-4}
 
 
 def test_stats_logger_truncates_on_resume_and_plots(tmp_path):
