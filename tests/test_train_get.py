@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pair_sets import make_pairs
 from PIL import Image
 from safetensors.torch import load_file
 
-from get.data import EpochSampler, PairSettings, new_manifest, record_shards, tensor_spec, write_manifest, write_shard
+from get.data import EpochSampler
 from get.losses import fp_correction, l1_loss
 from get.models import GET
 from get.seeds import draw_inputs, rank_seed
@@ -30,27 +31,6 @@ _spec.loader.exec_module(train_get)
 _spec = importlib.util.spec_from_file_location("sample", REPO / "train" / "sample.py")
 sample = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sample)
-
-
-def make_pairs(root, n=32, channels=3, resolution=8, label_dim=0, shard_size=16, nan=False):
-    """A pair folder written through get.data; the 'teacher' is a fixed smooth map of the noise."""
-    seeds = list(range(n))
-    settings = PairSettings(teacher={"name": "test-map"}, label_dim=label_dim,
-                            tensors=tensor_spec(channels, resolution, label_dim))
-    manifest = new_manifest(settings, seeds, shard_size)
-    os.makedirs(root, exist_ok=True)
-    records = []
-    for k in range(len(manifest["shards"])):
-        shard_seeds = seeds[k * shard_size:(k + 1) * shard_size]
-        noise = torch.randn(len(shard_seeds), channels, resolution, resolution,
-                            generator=torch.Generator().manual_seed(k))
-        image = torch.full_like(noise, float("nan")) if nan else 0.5 * torch.tanh(noise.flip(-1))
-        tensors = dict(noise=noise, image=image, seed=torch.tensor(shard_seeds))
-        if label_dim:
-            tensors["label"] = torch.tensor(shard_seeds) % label_dim
-        records.append(write_shard(root, manifest, k, tensors))
-    write_manifest(root, record_shards(manifest, records))
-    return Path(root)
 
 
 def run(data, outdir, *extra, steps=4):

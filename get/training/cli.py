@@ -28,6 +28,7 @@ class Range:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    kind: str = "a finite number"  # how the message names the values
 
     def __contains__(self, value) -> bool:
         if not math.isfinite(value):
@@ -38,11 +39,11 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is None:
-            return f"a finite number {'>' if self.low_open else '>='} {self.low}"
+            return f"{self.kind} {'>' if self.low_open else '>='} {self.low}"
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
-POSITIVE_INT = Range(1)
+POSITIVE_INT = Range(1, kind="an integer")
 NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, low_open=True)
 UNIT = Range(0, 1, high_open=True)  # [0, 1): decays and Adam's betas
