@@ -2,7 +2,8 @@
 
 A run folder holds:
 
-    options.json              the resolved command-line options of the first start (options-resume-NNNNNNN.json later)
+    options.json              the resolved command-line options of the first start (options-resume-NNNNNNN.json
+                              on each resume), written once the start or resume has passed its checks
     stats.jsonl               one JSON line per logged step (rank 0)
     tb/                       TensorBoard events (rank 0)
     samples/NNNNNNN.png       sample grids
@@ -12,7 +13,8 @@ A run folder holds:
         config.json           the "model" module's config: ``GET.from_pretrained(folder)`` loads the EMA weights
         optimizers.pt         {name: optimizer.state_dict()} (plain tensors and numbers; weights_only loadable)
         rng-rankRRR.pt        each rank's torch / CUDA / numpy / python / generator RNG states
-        checkpoint.json       step, module configs, world size and the loop's own state (written last)
+        checkpoint.json       step, module configs, world size and the loop's own state: sampler, guards, the pair
+                              set's identity (get.training.pairs); written last
 
 A checkpoint is written under a temporary folder name and renamed when complete, so a crash at any moment leaves
 either the whole checkpoint or none. Multi-node runs need the run folder on a shared file system.
