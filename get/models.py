@@ -238,11 +238,11 @@ class _PatchTransformer(nn.Module):
         return self.y_embedder(class_labels.long())  # (B, 1, 3D)
 
     @staticmethod
-    def _nan_where_nonfinite(noise, images):
-        """The images of samples whose noise holds NaN/inf, set to NaN: without the input checks (check_finite=False)
-        such a sample could still decode to a finite image (e.g. z_0's). On device, no host sync."""
-        ok = torch.isfinite(noise).flatten(1).all(1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return torch.where(ok, images, torch.nan)
+    def _finite_samples(noise):
+        """(B, 1, 1, 1) whether each sample's noise is finite: outputs are ``torch.where(ok, images, nan)``, so that
+        without the input checks (check_finite=False) a NaN/inf sample never decodes to a finite image (e.g. z_0's).
+        On device, no host sync."""
+        return torch.isfinite(noise).flatten(1).all(1).view(-1, 1, 1, 1)
 
     def _check_finite(self, *tensors):
         if self.check_finite and not all(torch.isfinite(t).all() for t in tensors):
@@ -440,7 +440,7 @@ class GET(_PatchTransformer):
         """
         f, z0, ops = self._prepare(noise, class_labels, z0, generator)
         z_star, info = self.solver.solve(f, z0)  # (B, N, D)
-        images = self._nan_where_nonfinite(noise, self.decode(z_star, ops))  # (B, C, H, W)
+        images = torch.where(self._finite_samples(noise), self.decode(z_star, ops), torch.nan)  # (B, C, H, W)
         # The selection never picks a NaN iterate (NaN < r is False), so check the residuals too.
         self._check_finite(info["abs_trace"], images)
         return (images, info) if return_info else images
@@ -457,7 +457,8 @@ class GET(_PatchTransformer):
         """
         f, z0, ops = self._prepare(noise, class_labels, z0, generator)
         states, info = self.solver.trajectory(f, z0)
-        images = [self._nan_where_nonfinite(noise, self.decode(z, ops)) for z in states]
+        ok = self._finite_samples(noise)
+        images = [torch.where(ok, self.decode(z, ops), torch.nan) for z in states]
         self._check_finite(info["abs_trace"], images[-1])
         return (images, info) if return_info else images
 
@@ -515,7 +516,7 @@ class ViT(_PatchTransformer):
         x = self.embed(noise)  # (B, N, D)
         for block in self.blocks:
             x = block(x, ops, c)
-        images = self._nan_where_nonfinite(noise, self.decode(x, ops))
+        images = torch.where(self._finite_samples(noise), self.decode(x, ops), torch.nan)
         self._check_finite(images)
         return (images, {}) if return_info else images
 

@@ -412,6 +412,7 @@ def test_train_dmd_guards_each_update_on_its_own(edm_pairs, scripts, tmp_path):
     (["--eval-ref", "0"], "--eval-ref must be an integer >= 1, got 0"),
     (["--eval-seeds", "5-2"], "--eval-seeds '5-2': seeds: range '5-2' is decreasing"),
     (["--grid-seeds", ""], "--grid-seeds ''"),
+    (["--fid-ref", "missing.npz"], "--fid-ref missing.npz: no such file"),
 ])
 def test_train_dmd_options_are_checked_naming_the_flag(scripts, argv, message, capsys):
     train_dmd, _ = scripts

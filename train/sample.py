@@ -63,7 +63,8 @@ def main(args):
     if args.fid is not None:  # fail before sampling when the FID assets are missing
         from get import metrics
 
-        metrics.inception_path()
+        with blame("--fid"):
+            metrics.inception_path()
     with blame("--ckpt"):
         model = GET.from_pretrained(ckpt, ema=not args.no_ema, map_location=device,
                                     **({"backend": args.backend} if args.backend else {})).eval()
@@ -93,7 +94,8 @@ def main(args):
         with blame("--teacher"):
             teacher = load_teacher(args.teacher)
     if args.fid is not None and not Path(args.fid).exists():
-        metrics.reference_stats_path(args.fid, model.input_size, args.fid_split, args.fid_mode)
+        with blame("--fid"):
+            metrics.reference_stats_path(args.fid, model.input_size, args.fid_split, args.fid_mode)
 
     # EDM's split of the positions in the seed list (or the pair set): batches of at most --batch, i to rank i mod W.
     num_batches = max(math.ceil(total / (args.batch * world)), 1) * world

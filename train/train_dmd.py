@@ -188,7 +188,8 @@ def main(args):
     adamw = dict(betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
     opt_g = torch.optim.AdamW(g_params, lr=args.lr, **adamw)
     opt_c = torch.optim.AdamW(c_params, lr=fake_lr, **adamw)
-    reg_fn, reg_name = regression_loss_fn(args, ds.channels, device) if args.method == "dmd" else (None, None)
+    with blame("--reg-loss"):  # LPIPS: its weight files
+        reg_fn, reg_name = regression_loss_fn(args, ds.channels, device) if args.method == "dmd" else (None, None)
     sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
     z0_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank))  # GET's z_0 in training
     # One guard per update: the critic's good updates must not hide a generator that never updates, or the reverse.
@@ -448,6 +449,8 @@ def parse_args(argv=None):
                 f"got {args.fake_channels}")
     if args.eval_every:
         check_seeds_option(p, "--eval-seeds", args.eval_seeds)
+    if args.fid_ref is not None and not args.fid_ref.is_file():
+        p.error(f"--fid-ref {args.fid_ref}: no such file")
     try:
         dmd.DMDSettings(args.method, ttur=args.ttur, gen_sigmas=tuple(args.gen_sigmas),
                         backward_simulation=args.backward_simulation, reg_weight=args.reg_weight,

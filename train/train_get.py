@@ -95,8 +95,9 @@ def main(args):
     model, ema = build_models(args, ds, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
-    crit = get_loss_fn(args.loss, **({} if args.loss != "lpips" else
-                                      dict(vgg_path=args.lpips_vgg, lin_path=args.lpips_lin)))
+    with blame("--loss"):  # LPIPS: its weight files
+        crit = get_loss_fn(args.loss, **({} if args.loss != "lpips" else
+                                          dict(vgg_path=args.lpips_vgg, lin_path=args.lpips_lin)))
     if isinstance(crit, torch.nn.Module):
         crit = crit.to(device)
     sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
