@@ -70,7 +70,7 @@ def build_teacher(args, ds, device):
         teacher = load_teacher(spec, device)
     if "sha256" in recorded and teacher.identity()["sha256"] != recorded["sha256"]:
         raise UserError(f"--teacher {spec}: its weights (sha256 {teacher.identity()['sha256'][:16]}...) are not those "
-                         f"of the teacher that made {args.data} ({recorded.get('name')}, {recorded['sha256'][:16]}...)")
+                        f"of the teacher that made {args.data} ({recorded.get('name')}, {recorded['sha256'][:16]}...)")
     for attr, value in (("resolution", ds.resolution), ("channels", ds.channels), ("label_dim", ds.label_dim)):
         if getattr(teacher, attr) != value:
             raise UserError(f"--teacher {spec}: {attr} {getattr(teacher, attr)} but the pairs have {value}")

@@ -33,6 +33,8 @@ def resume_data(state: dict, ds, sampler, allow_change: bool) -> dict | None:
     """
     saved, now = state.get("data"), data_identity(ds)
     change = None
+    if saved is None:
+        dist.print0(f"The checkpoint predates recorded pair sets: --data {ds.root} cannot be checked against it.")
     if saved is not None and saved["manifest_sha256"] != now["manifest_sha256"]:
         if not allow_change:
             raise UserError(
