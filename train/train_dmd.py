@@ -205,13 +205,14 @@ def main(args):
     optimizers = {"generator": opt_g, "critic": opt_c}
 
     # Run folder; resume.
+    identity = data_identity(ds)  # the pair set's, recorded in every checkpoint
     options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
                    per_rank_batch=per_rank, settings=settings.to_dict(), fake_warmup_resolved=fake_warmup,
                    fake_score_resolved=fake_kind,
                    reg_loss_resolved=reg_name, teacher_identity={k: v for k, v in teacher.identity().items()
                                                                  if k != "config"},
                    model_config=model.config, fake_config=critic.fake.config,
-                   dataset=dict(data_identity(ds), resolution=ds.resolution, channels=ds.channels,
+                   dataset=dict(identity, resolution=ds.resolution, channels=ds.channels,
                                 label_dim=ds.label_dim))
     with blame("--outdir"):
         run_dir, ckpt = prepare_run_dir(args.outdir, args.resume)
@@ -354,7 +355,7 @@ def main(args):
             check_ddp_consistency(model)
             check_ddp_consistency(critic)
             state = dict(sampler=sampler.state_dict(), guards={k: g.state_dict() for k, g in guards.items()},
-                         data=data_identity(ds))
+                         data=identity)
             save_checkpoint(run_dir, step, modules, optimizers, state, {"z0": z0_gen}, keep=args.keep)
         if dist.is_main() and args.eval_every and can_eval and (step % args.eval_every == 0 or step == args.steps):
             log_metrics(step)

@@ -107,9 +107,10 @@ def main(args):
     guard = NonFiniteGuard(args.max_nonfinite)
 
     # Run folder; resume.
+    identity = data_identity(ds)  # the pair set's, recorded in every checkpoint
     options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
                    per_rank_batch=per_rank, accumulation=accum, model_config=model.config,
-                   dataset=dict(data_identity(ds), resolution=ds.resolution, channels=ds.channels,
+                   dataset=dict(identity, resolution=ds.resolution, channels=ds.channels,
                                 label_dim=ds.label_dim, teacher=ds.teacher))
     with blame("--outdir"):
         run_dir, ckpt = prepare_run_dir(args.outdir, args.resume)
@@ -145,7 +146,7 @@ def main(args):
 
     def save(step):
         check_ddp_consistency(model)
-        state = dict(sampler=sampler.state_dict(), guard=guard.state_dict(), data=data_identity(ds))
+        state = dict(sampler=sampler.state_dict(), guard=guard.state_dict(), data=identity)
         save_checkpoint(run_dir, step, {"model": model, "ema": ema}, {"opt": opt}, state, generators, keep=args.keep)
 
     bar = tqdm(total=args.steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True, desc="train")
