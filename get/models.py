@@ -164,6 +164,13 @@ class _PatchTransformer(nn.Module):
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size, num_heads, num_classes, backend):
         super().__init__()
+        where = type(self).__name__
+        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
+                            ("hidden_size", hidden_size), ("num_heads", num_heads)):
+            check_int(value, name, 1, math.inf, where)
+        if hidden_size % num_heads or hidden_size % 4:
+            raise ValueError(f"{where}: hidden_size {hidden_size} must be divisible by num_heads {num_heads} and by 4 "
+                             f"(the sin-cos positions)")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if backend is not None and backend not in get_kernels.BACKENDS:
@@ -212,8 +219,10 @@ class _PatchTransformer(nn.Module):
         if not torch.is_tensor(noise) or noise.dim() != 4 or tuple(noise.shape[1:]) != (C, S, S):
             shape = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
             raise ValueError(f"noise must have shape (B, {C}, {S}, {S}) for this model, got {shape}")
-        if not noise.is_floating_point():
-            raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+        dtype = self.pos_embed.dtype
+        if noise.dtype != dtype:  # refused, not cast: a float64 caller would silently get float32 precision
+            raise ValueError(f"noise must be {dtype} like the model's weights, got {noise.dtype}; cast it "
+                             f"(noise.to({dtype})) or the model (model.to(dtype))")
         if self.check_finite and not torch.isfinite(noise).all():
             raise ValueError("noise contains NaN or inf")
         if self.num_classes == 0:
@@ -230,6 +239,13 @@ class _PatchTransformer(nn.Module):
         if self.check_finite and ((class_labels < 0) | (class_labels >= self.num_classes)).any():
             raise ValueError(f"class_labels out of range [0, {self.num_classes})")
         return self.y_embedder(class_labels.long())  # (B, 1, 3D)
+
+    @staticmethod
+    def _finite_samples(noise):
+        """(B, 1, 1, 1) whether each sample's noise is finite: outputs are ``torch.where(ok, images, nan)``, so that
+        without the input checks (check_finite=False) a NaN/inf sample never decodes to a finite image (e.g. z_0's).
+        On device, no host sync."""
+        return torch.isfinite(noise).flatten(1).all(1).view(-1, 1, 1, 1)
 
     def _check_finite(self, *tensors):
         if self.check_finite and not all(torch.isfinite(t).all() for t in tensors):
@@ -286,6 +302,8 @@ class _PatchTransformer(nn.Module):
                 official file, ``config.json`` of ours) disagrees with the tensor shapes; checked before building.
         """
         path = Path(path)
+        if not path.exists():  # else a missing file would be reported as its folder's missing config.json
+            raise FileNotFoundError(f"{path}: no such model folder or file")
         if path.suffix in (".pth", ".pt"):
             config, state_dict = _read_official_checkpoint(path, ema, map_location, overrides.get("num_heads"))
             where = str(path)
@@ -458,7 +476,7 @@ class GET(_PatchTransformer):
         """
         f, z0, ops = self._prepare(noise, class_labels, z0, generator, sigma)
         z_star, info = self.solver.solve(f, z0)  # (B, N, D)
-        images = self.decode(z_star, ops)  # (B, C, H, W)
+        images = torch.where(self._finite_samples(noise), self.decode(z_star, ops), torch.nan)  # (B, C, H, W)
         # The selection never picks a NaN iterate (NaN < r is False), so check the residuals too.
         self._check_finite(info["abs_trace"], images)
         return (images, info) if return_info else images
@@ -476,7 +494,8 @@ class GET(_PatchTransformer):
         """
         f, z0, ops = self._prepare(noise, class_labels, z0, generator, sigma)
         states, info = self.solver.trajectory(f, z0)
-        images = [self.decode(z, ops) for z in states]
+        ok = self._finite_samples(noise)
+        images = [torch.where(ok, self.decode(z, ops), torch.nan) for z in states]
         self._check_finite(info["abs_trace"], images[-1])
         return (images, info) if return_info else images
 
@@ -534,7 +553,7 @@ class ViT(_PatchTransformer):
         x = self.embed(noise)  # (B, N, D)
         for block in self.blocks:
             x = block(x, ops, c)
-        images = self.decode(x, ops)
+        images = torch.where(self._finite_samples(noise), self.decode(x, ops), torch.nan)
         self._check_finite(images)
         return (images, {}) if return_info else images
 
@@ -764,7 +783,14 @@ def _vit(hidden_size, num_heads, depth):
 
 # Official names (locuslab/get GET_models; suffixes there are InjT depth, EqT depth, EqT MLP ratio), the paper's
 # ViT baselines, and small configs for tests and CPU demos. Keyword arguments override, e.g. num_classes=10.
-GET_models = {
+class _Registry(dict):
+    """The config names; an unknown name raises a KeyError that lists them."""
+
+    def __missing__(self, name):
+        raise KeyError(f"unknown model config {name!r}; choose one of {list(self)}")
+
+
+GET_models = _Registry({
     "GET-T/2": _get(256, 4, 6, 6),
     "GET-M/2": _get(384, 6, 6, 6),
     "GET-S/2": _get(512, 8, 6, 8),
@@ -774,13 +800,11 @@ GET_models = {
     "ViT-L/2": _vit(1024, 16, 24),
     "GET-XS/2": _get(128, 2, 2, 4),
     "GET-XXS/2": _get(64, 2, 1, 2),
-}
+})
 
 
 def create_model(name: str, **kwargs) -> GET | ViT:
     """Builds a registered config by name; a clear error lists the names when it is unknown."""
-    if name not in GET_models:
-        raise KeyError(f"unknown model config {name!r}; choose one of {list(GET_models)}")
     return GET_models[name](**kwargs)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from pair_sets import make_pairs
 from safetensors.torch import load_file
 
 from get.distill import dmd
@@ -19,6 +20,8 @@ from get.edm.precond import EDMPrecond
 from get.mixture import MixtureTeacher
 from get.models import GET, GET_models
 from get.teachers import save_teacher
+from get.training.cli import UserError
+from get.training.guards import TrainingDivergedError
 from get.training.logs import read_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -422,7 +425,7 @@ def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path):
         ta = load_file(str(ckpt_a / f"{name}.safetensors"))
         tb = load_file(str(tmp_path / "init/checkpoints/0000001" / f"{name}.safetensors"))
         assert all(torch.equal(ta[k], tb[k]) for k in ta), name
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "full"), "--steps", "6")
 
 
@@ -447,7 +450,7 @@ def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
     assert "loss_dm" not in train[0] and "loss_reg" in train[1] and "loss_reg" in train[2]  # warm-up, then G
     options = json.loads((tmp_path / "run/options.json").read_text())
     assert options["fake_score_resolved"] == "scratch" and options["settings"]["reg_weight"] == 0.25
-    with pytest.raises(ValueError, match="not those of the teacher"):
+    with pytest.raises(UserError, match="not those of the teacher"):
         _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
                  "--teacher", "mixture", "--outdir", str(tmp_path / "bad"), "--steps", "1", "--bs", "4")
 
@@ -474,3 +477,54 @@ def test_regression_loss_defaults_to_lpips_and_names_missing_weights(tmp_path, m
     _, _, vgg, lin = _write_lpips_files(tmp_path)
     lpips = dmd.regression_loss(vgg_path=vgg, lin_path=lin)
     assert isinstance(lpips, torch.nn.Module) and lpips(x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_train_dmd_guards_each_update_on_its_own(edm_pairs, scripts, tmp_path):
+    """NaN pair images break one update each: DMD's regression (the generator) and DMD2's real images (the critic).
+    The other update's good steps must not reset the count: --max-nonfinite stops the run; an interval whose
+    critic updates were all skipped logs the generator's numbers only; the counts resume exactly."""
+    train_dmd, _ = scripts
+    nan_pairs = make_pairs(tmp_path / "nan", n=8, label_dim=2, nan=True)
+    common = ["--data", str(nan_pairs), "--teacher", str(edm_pairs / "teacher"), "--model", "GET-XXS/2",
+              "--bs", "4", "--eval-every", "0", "--sample-every", "100", "--ckpt-every", "2"]
+    with pytest.raises(TrainingDivergedError, match="2 non-finite generator updates in a row"):
+        _run_dmd(train_dmd, *common, "--method", "dmd", "--reg-loss", "l1", "--outdir", str(tmp_path / "dmd"),
+                 "--steps", "6", "--max-nonfinite", "2")
+    stats = read_stats(tmp_path / "dmd")
+    assert [(r["skipped_g"], r["skipped_c"], "loss_dm" in r, "loss_fake" in r) for r in stats] == [(1, 0, False, True)]
+
+    run = tmp_path / "dmd2"
+    _run_dmd(train_dmd, *common, "--method", "dmd2", "--ttur", "2", "--outdir", str(run), "--steps", "2",
+             "--max-nonfinite", "3")
+    stats = read_stats(run)
+    assert [(r["skipped_g"], r["skipped_c"], "loss_dm" in r, "loss_fake" in r) for r in stats] == [
+        (0, 1, True, False), (0, 2, False, False)]
+    meta = json.loads((run / "checkpoints" / "0000002" / "checkpoint.json").read_text())
+    assert meta["state"]["guards"] == {"generator": {"in_row": 0, "total": 0}, "critic": {"in_row": 2, "total": 2}}
+    # Another pair set of the same shape: refused unless --allow-data-change, before anything is written.
+    with pytest.raises(UserError, match=f"^--data {edm_pairs / 'pairs'}: not the pair set the checkpoint"):
+        _run_dmd(train_dmd, *[a if a != str(nan_pairs) else str(edm_pairs / "pairs") for a in common],
+                 "--method", "dmd2", "--ttur", "2", "--outdir", str(run), "--steps", "4", "--resume")
+    assert not (run / "options-resume-0000002.json").exists()
+    with pytest.raises(TrainingDivergedError, match="3 non-finite critic updates in a row \\(the last at step 3"):
+        _run_dmd(train_dmd, *common, "--method", "dmd2", "--ttur", "2", "--outdir", str(run), "--steps", "4",
+                 "--max-nonfinite", "3", "--resume")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fake-channels", "0"], "--fake-channels must be at least 4"),
+    (["--fake-channels", "34"], "--fake-channels must be at least 4 and give EDM's GroupNorm whole groups"),
+    (["--fake-lr", "nan"], "--fake-lr must be a finite number >= 0, got nan"),
+    (["--warmup", "-5"], "--warmup must be a finite number >= 0, got -5"),
+    (["--gen-sigmas", "80,nan"], "argument --gen-sigmas: expected comma-separated finite numbers, got '80,nan'"),
+    (["--eval-ref", "0"], "--eval-ref must be an integer >= 1, got 0"),
+    (["--eval-seeds", "5-2"], "--eval-seeds '5-2': seeds: range '5-2' is decreasing"),
+    (["--grid-seeds", ""], "--grid-seeds ''"),
+    (["--fid-ref", "missing.npz"], "--fid-ref missing.npz: no such file"),
+])
+def test_train_dmd_options_are_checked_naming_the_flag(scripts, argv, message, capsys):
+    train_dmd, _ = scripts
+    with pytest.raises(SystemExit):
+        train_dmd.parse_args(["--method", "dmd", "--data", "d", "--model", "GET-XXS/2", *argv])
+    assert capsys.readouterr().err.splitlines()[-1].split(": error: ")[1].startswith(message)
+    assert train_dmd.fake_channels_ok(8) and train_dmd.fake_channels_ok(128) and not train_dmd.fake_channels_ok(132)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from get.deq import validate_deq_options
 from get.models import GET, GET_models, NonFiniteError, count_parameters, create_model, sincos_pos_embed
+from get.seeds import draw_inputs
 
 KEYS_FILE = Path(__file__).parent / "data" / "get_official_keys.txt"  # the official GET-B/2 keys and shapes
 
@@ -569,3 +570,49 @@ def test_non_finite_state_raises():
         model(torch.randn(2, 3, 8, 8))
     with pytest.raises(NonFiniteError):
         model.trajectory(torch.randn(2, 3, 8, 8))
+
+
+def test_non_finite_noise_gives_nan_images_without_the_checks():
+    """check_finite=False (CUDA graphs, the trainers) skips the host-side checks, but a sample whose noise holds NaN or
+    inf must still come out NaN, never a finite image decoded from z_0; the other samples are untouched."""
+    for model in (_tiny(), GET_models["ViT-B/2"](input_size=8, hidden_size=64, num_heads=2, depth=1)):
+        with torch.no_grad():  # a non-zero output layer: a fresh model outputs 0 whatever its input
+            model.final_layer.linear.bias.fill_(0.5)
+        model.check_finite = False
+        noise = torch.randn(3, 3, 8, 8)
+        noise[1, 0, 2, 3] = float("nan")
+        noise[2, 2, 0, 0] = float("inf")
+        z0 = draw_inputs([0, 1, 2], model).z0
+        clean = model(noise[:1], z0=None if z0 is None else z0[:1])
+        outputs = [model(noise, z0=z0), model.trajectory(noise, z0=z0)[-1]]
+        for images in outputs:
+            assert images[1:].isnan().all() and torch.isfinite(images[0]).all()
+            torch.testing.assert_close(images[0], clean[0])
+
+
+def test_noise_dtype_and_constructor_sizes_are_checked():
+    model = _tiny()
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(ValueError, match=f"noise must be torch.float32 like the model's weights, got {dtype}"):
+            model(torch.randn(2, 3, 8, 8, dtype=dtype))
+    assert model.double()(torch.randn(2, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+    for key in ("input_size", "in_channels", "patch_size", "hidden_size", "num_heads"):
+        with pytest.raises(ValueError, match=f"GET: {key} must be an integer in \\[1, "):
+            _tiny(**{key: 0})
+    with pytest.raises(ValueError, match="ViT: in_channels must be an integer"):
+        GET_models["ViT-B/2"](in_channels=0)
+    with pytest.raises(ValueError, match="hidden_size 66 must be divisible by num_heads 4"):
+        _tiny(hidden_size=66, num_heads=4)
+
+
+def test_unknown_config_and_missing_path_are_named(tmp_path):
+    names = re.escape(str(list(GET_models)))
+    with pytest.raises(KeyError, match=f"unknown model config 'GET-ZZZ/2'; choose one of {names}"):
+        GET_models["GET-ZZZ/2"]
+    with pytest.raises(KeyError, match="unknown model config 'GET-ZZZ/2'"):
+        create_model("GET-ZZZ/2")
+    assert "GET-B/2" in GET_models and GET_models.get("GET-ZZZ/2") is None  # the dict API is unchanged
+    _tiny().save_pretrained(tmp_path / "model")
+    for missing in (tmp_path / "model" / "nope", tmp_path / "model" / "nope.safetensors", tmp_path / "nope.pth"):
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(missing))}: no such model folder or file"):
+            GET.from_pretrained(missing)

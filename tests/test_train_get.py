@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pair_sets import make_pairs
 from PIL import Image
 from safetensors.torch import load_file
 
-from get.data import EpochSampler, PairSettings, new_manifest, record_shards, tensor_spec, write_manifest, write_shard
+from get.data import EpochSampler
 from get.losses import fp_correction, l1_loss
 from get.models import GET
 from get.seeds import draw_inputs, rank_seed
 from get.training.checkpoints import CheckpointMismatchError
+from get.training.cli import UserError
 from get.training.guards import TrainingDivergedError
 from get.training.logs import read_stats
+from get.training.pairs import data_identity
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "train_get.py"
@@ -29,27 +32,6 @@ _spec.loader.exec_module(train_get)
 _spec = importlib.util.spec_from_file_location("sample", REPO / "train" / "sample.py")
 sample = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sample)
-
-
-def make_pairs(root, n=32, channels=3, resolution=8, label_dim=0, shard_size=16, nan=False):
-    """A pair folder written through get.data; the 'teacher' is a fixed smooth map of the noise."""
-    seeds = list(range(n))
-    settings = PairSettings(teacher={"name": "test-map"}, label_dim=label_dim,
-                            tensors=tensor_spec(channels, resolution, label_dim))
-    manifest = new_manifest(settings, seeds, shard_size)
-    os.makedirs(root, exist_ok=True)
-    records = []
-    for k in range(len(manifest["shards"])):
-        shard_seeds = seeds[k * shard_size:(k + 1) * shard_size]
-        noise = torch.randn(len(shard_seeds), channels, resolution, resolution,
-                            generator=torch.Generator().manual_seed(k))
-        image = torch.full_like(noise, float("nan")) if nan else 0.5 * torch.tanh(noise.flip(-1))
-        tensors = dict(noise=noise, image=image, seed=torch.tensor(shard_seeds))
-        if label_dim:
-            tensors["label"] = torch.tensor(shard_seeds) % label_dim
-        records.append(write_shard(root, manifest, k, tensors))
-    write_manifest(root, record_shards(manifest, records))
-    return Path(root)
 
 
 def run(data, outdir, *extra, steps=4):
@@ -97,9 +79,11 @@ def test_resume_is_exact_and_outputs(tmp_path):
     first = ds.get_batch(sampler.indices()[:8])["image"]
     assert full[0]["loss_state1"] == pytest.approx(first.abs().mean().item(), rel=1e-6)
     # Another model config is refused, naming the difference.
-    with pytest.raises(CheckpointMismatchError, match="hidden_size: checkpoint 64 vs now 128"):
+    with pytest.raises(UserError, match="hidden_size: checkpoint 64 vs now 128") as refused:
         train_get.main(train_get.parse_args(["--data", str(data), "--outdir", str(part), "--model", "GET-XS/2",
                                              "--bs", "8", "--steps", "8", "--resume"]))
+    assert isinstance(refused.value.__cause__, CheckpointMismatchError)
+    assert not (part / "options-resume-0000006.json").exists()  # a refused resume leaves the run folder as it was
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
@@ -107,7 +91,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     out = tmp_path / "run"
     run(good, out, steps=2)
     # Every pair of `bad` gives a NaN loss: steps 3 and 4 are skipped; weights, EMA and optimiser stay as at step 2.
-    stats = run(bad, out, "--resume", "--max-nonfinite", "3", steps=4)
+    stats = run(bad, out, "--resume", "--allow-data-change", "--max-nonfinite", "3", steps=4)
     assert [(r["step"], r["skipped"], "loss" in r) for r in stats[2:]] == [(3, 1, False), (4, 2, False)]
     ckpt2, ckpt4 = out / "checkpoints" / "0000002", out / "checkpoints" / "0000004"
     for name in ("model.safetensors", "ema.safetensors"):
@@ -118,7 +102,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) and oa[i]["step"] == ob[i]["step"] for i in oa)
     # A third bad step in a row stops the run with a clear message; the last good checkpoint stays the latest.
     with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
-        run(bad, out, "--resume", "--max-nonfinite", "3", steps=10)
+        run(bad, out, "--resume", "--allow-data-change", "--max-nonfinite", "3", steps=10)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0000002", "0000004"]
 
 
@@ -200,3 +184,85 @@ def test_vit_baseline_trains(tmp_path):
     assert [s["step"] for s in stats] == [1, 2] and "loss_state1" in stats[-1]
     assert not any(k.startswith("residual") for k in stats[-1])
     assert (tmp_path / "run" / "checkpoints" / "0000002" / "ema.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup", "-5"], "--warmup must be a finite number >= 0, got -5"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--gamma", "nan"], "--gamma must be a finite number >= 0, got nan"),
+    (["--clip-grad", "-1"], "--clip-grad must be a finite number >= 0, got -1.0"),
+    (["--beta2", "1"], "--beta2 must be in [0, 1), got 1.0"),
+    (["--eps", "inf"], "--eps must be a finite number > 0, got inf"),
+    (["--seed", "-1"], "--seed must be a finite number >= 0, got -1"),
+    (["--nproc", "0"], "--nproc must be an integer >= 1, got 0"),
+    (["--grid-seeds", "9-3"], "--grid-seeds '9-3': seeds: range '9-3' is decreasing"),
+    (["--grid-seeds", "x"], "--grid-seeds 'x': seeds: cannot parse item 'x'"),
+])
+def test_numeric_options_are_checked_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_get.parse_args(["--data", "d", "--outdir", "o", *argv])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].split(": error: ")[1].startswith(message)
+
+
+def test_the_checkpoint_is_saved_before_the_grid(tmp_path, monkeypatch):
+    """A step that is due for a checkpoint and a grid: the checkpoint is written first, so a failing grid loses
+    nothing."""
+    def broken_grid(*args, **kwargs):
+        raise RuntimeError("grid failed")
+
+    monkeypatch.setattr(train_get, "grid_images", broken_grid)
+    data = make_pairs(tmp_path / "pairs")
+    with pytest.raises(RuntimeError, match="grid failed"):
+        run(data, tmp_path / "run", "--sample-every", "2", steps=2)
+    assert (tmp_path / "run" / "checkpoints" / "0000002" / "checkpoint.json").is_file()
+
+
+def test_resume_on_another_pair_set_is_refused_unless_asked(tmp_path):
+    data, other, smaller = (make_pairs(tmp_path / "a"), make_pairs(tmp_path / "b", salt=1),
+                            make_pairs(tmp_path / "c", n=16))
+    out = tmp_path / "run"
+    run(data, out, steps=2)
+    meta = json.loads((out / "checkpoints" / "0000002" / "checkpoint.json").read_text())
+    assert meta["state"]["data"] == data_identity(train_get.PairDataset(data))
+    # Same shape and seeds, other pairs: refused before anything is written to the run folder.
+    with pytest.raises(UserError, match=f"^--data {other}: not the pair set the checkpoint was trained on"):
+        run(other, out, "--resume", steps=4)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("options")) == ["options.json"]
+    # Asked for: continues, and the change is recorded with the resume's options.
+    run(other, out, "--resume", "--allow-data-change", steps=4)
+    resumed = json.loads((out / "options-resume-0000002.json").read_text())
+    assert resumed["data_change"]["to"]["root"] == str(other) and resumed["data_change"]["from"]["root"] == str(data)
+    meta = json.loads((out / "checkpoints" / "0000004" / "checkpoint.json").read_text())
+    assert meta["state"]["data"]["root"] == str(other)
+    # A smaller set cannot continue the data order: the error names --data.
+    with pytest.raises(UserError, match=f"^--data {smaller}: 16 pairs; the checkpoint's data order was over 32"):
+        run(smaller, out, "--resume", "--allow-data-change", steps=6)
+    assert not (out / "options-resume-0000004.json").exists()
+
+
+def test_user_errors_end_with_one_line(tmp_path):
+    """Run as a script, a user error is one line on stderr naming the flag and the file, exit status 1, no
+    traceback, and nothing written."""
+    cmd = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "missing"), "--outdir", str(tmp_path / "run"),
+           "--model", "GET-XXS/2", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"train_get.py: error: --data: {tmp_path / 'missing' / 'manifest.json'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_refuses_non_finite_pairs_and_bad_options(tmp_path, capsys):
+    run(make_pairs(tmp_path / "pairs"), tmp_path / "run", steps=2)
+    bad = make_pairs(tmp_path / "bad", nan={5, 9})
+    with pytest.raises(UserError, match=f"^--pairs {bad}: 2 of 32 pairs hold NaN or inf \\(seeds 5, 9\\)"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "run"), "--pairs", str(bad)]))
+    with pytest.raises(UserError, match=f"^--ckpt {tmp_path / 'nope'}: no such checkpoint"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "nope"), "--grid", str(tmp_path / "g.png")]))
+    for argv, message in ((["--grid-n", "0"], "--grid-n must be an integer >= 1, got 0"),
+                          (["--seeds", "3-1"], "--seeds '3-1': seeds: range '3-1' is decreasing")):
+        with pytest.raises(SystemExit):
+            sample.parse_args(["--ckpt", "c", "--grid", "g.png", *argv])
+        assert capsys.readouterr().err.splitlines()[-1].split(": error: ")[1].startswith(message)

@@ -1,3 +1,4 @@
+import argparse
 import json
 import random
 
@@ -5,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from pair_sets import make_pairs
 from PIL import Image
 
+from get.data import EpochSampler, PairDataset
 from get.models import GET, GET_models
 from get.seeds import rank_seed
 from get.training.checkpoints import (
@@ -15,11 +18,14 @@ from get.training.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     prepare_run_dir,
+    record_options,
     save_checkpoint,
 )
+from get.training.cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT, UserError, blame, check_ranges
 from get.training.guards import NonFiniteGuard, TrainingDivergedError
 from get.training.logs import StatsLogger, Throughput, plot_loss_curve, read_stats
 from get.training.modules import update_ema
+from get.training.pairs import data_identity, nonfinite_seeds, resume_data
 
 
 class Tiny(nn.Module):
@@ -162,16 +168,20 @@ def test_legacy_format_optimizer_and_rng_files_are_refused(tmp_path):
 
 
 def test_prepare_run_dir_refuses_to_overwrite(tmp_path):
-    run_dir, ckpt = prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
-    assert ckpt is None and json.loads((run_dir / "options.json").read_text()) == {"lr": 1e-4}
+    run_dir, ckpt = prepare_run_dir(tmp_path / "run", resume=False)
+    assert ckpt is None and not run_dir.exists()  # the checks write nothing
+    record_options(run_dir, {"lr": 1e-4}, ckpt)
+    assert json.loads((run_dir / "options.json").read_text()) == {"lr": 1e-4}
     with pytest.raises(FileExistsError, match="pass --resume"):
-        prepare_run_dir(tmp_path / "run", {"lr": 1e-4}, resume=False)
+        prepare_run_dir(tmp_path / "run", resume=False)
     model, _, opt = _tiny_run(tmp_path)
     save_checkpoint(run_dir, 5, {"model": model}, {"opt": opt})
     with pytest.raises(FileExistsError, match="latest checkpoint 0000005"):
-        prepare_run_dir(run_dir, {"lr": 1e-4}, resume=False)
-    _, ckpt = prepare_run_dir(run_dir, {"lr": 2e-4}, resume=True)
-    assert ckpt.name == "0000005" and (run_dir / "options-resume-0000005.json").exists()
+        prepare_run_dir(run_dir, resume=False)
+    _, ckpt = prepare_run_dir(run_dir, resume=True)
+    assert ckpt.name == "0000005" and not (run_dir / "options-resume-0000005.json").exists()
+    record_options(run_dir, {"lr": 2e-4}, ckpt)
+    assert json.loads((run_dir / "options-resume-0000005.json").read_text()) == {"lr": 2e-4}
 
 
 def test_stats_logger_truncates_on_resume_and_plots(tmp_path):
@@ -208,3 +218,58 @@ def test_throughput():
     meter.update(10)
     meter.update(6)
     assert meter.count == 16 and meter.rate() > 0 and meter.count == 0
+
+
+def test_range_checks_name_the_flag(capsys):
+    p = argparse.ArgumentParser(prog="x")
+    ranges = {"lr": NON_NEGATIVE, "ema": UNIT, "eps": POSITIVE, "bs": POSITIVE_INT}
+    good = argparse.Namespace(lr=0.0, ema=0.0, eps=1e-8, bs=1)
+    check_ranges(p, good, ranges)
+    bad = [("lr", float("nan"), "--lr must be a finite number >= 0, got nan"),
+           ("lr", -1e-4, "--lr must be a finite number >= 0, got -0.0001"),
+           ("ema", 1.0, "--ema must be in [0, 1), got 1.0"), ("eps", 0.0, "--eps must be a finite number > 0, got 0.0"),
+           ("eps", float("inf"), "--eps must be a finite number > 0, got inf"),
+           ("bs", 0, "--bs must be an integer >= 1, got 0")]
+    for name, value, message in bad:
+        with pytest.raises(SystemExit):
+            check_ranges(p, argparse.Namespace(**{**vars(good), name: value}), ranges)
+        assert capsys.readouterr().err.splitlines()[-1] == f"x: error: {message}"
+
+def test_guards_count_per_update_and_name_it():
+    guard = NonFiniteGuard(2, "critic updates")
+    assert guard.check(False, 1) is False and guard.check(True, 2) and guard.in_row == 0 and guard.total == 1
+    guard.check(False, 3)
+    with pytest.raises(TrainingDivergedError, match=r"2 non-finite critic updates in a row .*--max-nonfinite 2"):
+        guard.check(False, 4)
+    assert issubclass(TrainingDivergedError, UserError)  # the scripts end it with one line
+
+
+def test_resume_data_refuses_another_pair_set_unless_asked(tmp_path):
+    ds = PairDataset(make_pairs(tmp_path / "a"))
+    same_shape = PairDataset(make_pairs(tmp_path / "b", salt=1))
+    smaller = PairDataset(make_pairs(tmp_path / "c", n=16))
+    assert data_identity(ds)["manifest_sha256"] != data_identity(same_shape)["manifest_sha256"]
+    sampler = EpochSampler(len(ds), seed=1)
+    sampler.advance(8)
+    state = {"sampler": sampler.state_dict(), "data": data_identity(ds)}
+    fresh = EpochSampler(32, seed=1)
+    assert resume_data(state, ds, fresh, allow_change=False) is None and fresh.position == 8
+    with pytest.raises(UserError, match=f"--data {tmp_path / 'b'}: not the pair set the checkpoint was trained on "
+                                        f"\\({tmp_path / 'a'}, 32 pairs.*--allow-data-change"):
+        resume_data(state, same_shape, EpochSampler(32, seed=1), allow_change=False)
+    change = resume_data(state, same_shape, EpochSampler(32, seed=1), allow_change=True)
+    assert change == {"from": data_identity(ds), "to": data_identity(same_shape)}
+    # Another size: the data order cannot continue; the error names --data, not EpochSampler.
+    with pytest.raises(UserError, match=f"^--data {tmp_path / 'c'}: 16 pairs; the checkpoint's data order was over "
+                                        f"32 pairs"):
+        resume_data(state, smaller, EpochSampler(16, seed=1), allow_change=True)
+
+
+def test_nonfinite_seeds_and_blame(tmp_path):
+    ds = PairDataset(make_pairs(tmp_path / "p", nan={3, 17, 30}))
+    assert nonfinite_seeds(ds, batch=5) == ([3, 17, 30], 3)
+    assert nonfinite_seeds(ds, limit=2) == ([3, 17], 3)
+    with pytest.raises(UserError, match="^--data: missing key$") as info:
+        with blame("--data"):
+            raise KeyError("missing key")
+    assert isinstance(info.value.__cause__, KeyError)

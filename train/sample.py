@@ -28,6 +28,8 @@ from get.io import atomic_write_bytes, write_json
 from get.models import GET
 from get.seeds import draw_inputs, parse_seeds
 from get.training.checkpoints import latest_checkpoint
+from get.training.cli import POSITIVE_INT, UserError, blame, check_ranges, check_seeds_option, run_script
+from get.training.pairs import nonfinite_seeds
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -35,10 +37,10 @@ def resolve_checkpoint(path: Path) -> Path:
     if path.is_dir() and (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path}: the run has no complete checkpoint yet")
+            raise UserError(f"--ckpt {path}: the run has no complete checkpoint yet")
         return latest
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise UserError(f"--ckpt {path}: no such checkpoint")
     return path
 
 
@@ -61,16 +63,23 @@ def main(args):
     if args.fid is not None:  # fail before sampling when the FID assets are missing
         from get import metrics
 
-        metrics.inception_path()
-    model = GET.from_pretrained(ckpt, ema=not args.no_ema, map_location=device,
-                                **({"backend": args.backend} if args.backend else {})).eval()
+        with blame("--fid"):
+            metrics.inception_path()
+    with blame("--ckpt"):
+        model = GET.from_pretrained(ckpt, ema=not args.no_ema, map_location=device,
+                                    **({"backend": args.backend} if args.backend else {})).eval()
     if args.pairs is not None:
         from get.data import PairDataset
 
-        ds = PairDataset(args.pairs)
+        with blame("--pairs"):
+            ds = PairDataset(args.pairs)
+        bad, count = nonfinite_seeds(ds)  # a NaN pair would turn every metric into NaN
+        if count:
+            raise UserError(f"--pairs {args.pairs}: {count} of {len(ds)} pairs hold NaN or inf (seeds "
+                            f"{', '.join(map(str, bad))}{', ...' if count > len(bad) else ''}); regenerate them")
         if (ds.channels, ds.resolution) != (model.in_channels, model.input_size):
-            raise ValueError(f"{args.pairs}: pairs are {ds.channels}x{ds.resolution}x{ds.resolution}, the model makes "
-                             f"{model.in_channels}x{model.input_size}x{model.input_size}")
+            raise UserError(f"--pairs {args.pairs}: pairs are {ds.channels}x{ds.resolution}x{ds.resolution}, the "
+                            f"model makes {model.in_channels}x{model.input_size}x{model.input_size}")
         total = len(ds)
     else:
         ds, all_seeds = None, parse_seeds(args.seeds)
@@ -78,8 +87,15 @@ def main(args):
     # The pairs' settings decide how their seeds are drawn (z_0 does not depend on them); else the command line's.
     label_policy, rng_device = (ds.settings.label_policy, ds.settings.rng_device) if ds else (args.labels,
                                                                                           args.rng_device)
+    teacher = None
+    if args.teacher is not None and dist.is_main():  # before sampling: a wrong name fails at once
+        from get.teachers import load_teacher
+
+        with blame("--teacher"):
+            teacher = load_teacher(args.teacher)
     if args.fid is not None and not Path(args.fid).exists():
-        metrics.reference_stats_path(args.fid, model.input_size, args.fid_split, args.fid_mode)
+        with blame("--fid"):
+            metrics.reference_stats_path(args.fid, model.input_size, args.fid_split, args.fid_mode)
 
     # EDM's split of the positions in the seed list (or the pair set): batches of at most --batch, i to rank i mod W.
     num_batches = max(math.ceil(total / (args.batch * world)), 1) * world
@@ -135,11 +151,9 @@ def main(args):
             results.update(mse=mse, mse_data_mean=mean_mse, mse_ratio=mse / mean_mse)
             print(f"held-out pairs {args.pairs}: MSE vs the teacher {mse:.5f}; predicting the data mean "
                   f"{mean_mse:.5f}; ratio {mse / mean_mse:.3f}")
-            if args.teacher is not None:
+            if teacher is not None:
                 from get.metrics import evaluate_mixture
-                from get.teachers import load_teacher
 
-                teacher = load_teacher(args.teacher)
                 exact = evaluate_mixture(teacher, images.double(), targets=targets.double(),
                                          class_labels=labels if model.num_classes else None)
                 results["mixture"] = exact
@@ -184,8 +198,9 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--nproc", type=int, default=None, help="local worker processes to start (default: torchrun's)")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error("--batch must be >= 1")
+    check_ranges(p, args, {"batch": POSITIVE_INT, "grid_n": POSITIVE_INT, "nproc": POSITIVE_INT})
+    if args.pairs is None:
+        check_seeds_option(p, "--seeds", args.seeds)
     if args.teacher is not None and args.pairs is None:
         p.error("--teacher needs --pairs (the held-out pairs of that teacher)")
     if args.outdir is None and args.npz is None and args.fid is None and args.pairs is None and args.grid is None:
@@ -194,5 +209,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    cli = parse_args()
-    dist.launch(main, cli.nproc, cli)
+    run_script(main, parse_args)

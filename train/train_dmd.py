@@ -22,6 +22,7 @@ MixtureEvaluator: Fréchet distance to the true distribution in pixel and featur
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -37,11 +38,22 @@ from get.metrics import MixtureEvaluator, fid
 from get.models import GET, GET_models, count_parameters, create_model
 from get.seeds import derived_seed, draw_inputs, parse_seeds, rank_seed, seed_all
 from get.teachers import load_teacher
-from get.training.checkpoints import load_checkpoint, prepare_run_dir, save_checkpoint
-from get.training.cli import add_common_arguments, check_common_arguments
+from get.training.checkpoints import load_checkpoint, prepare_run_dir, record_options, save_checkpoint
+from get.training.cli import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    UserError,
+    add_common_arguments,
+    blame,
+    check_common_arguments,
+    check_ranges,
+    check_seeds_option,
+    run_script,
+)
 from get.training.guards import NonFiniteGuard
 from get.training.logs import StatsLogger, Throughput, plot_loss_curve
 from get.training.modules import MethodWrapper, check_ddp_consistency, requires_grad, update_ema
+from get.training.pairs import data_identity, resume_data
 
 #################################################################################
 #                                  Helpers                                      #
@@ -53,14 +65,15 @@ def build_teacher(args, ds, device):
     recorded = ds.teacher if isinstance(ds.teacher, dict) else {}
     spec = args.teacher or recorded.get("name")
     if not spec:
-        raise ValueError(f"{args.data}: the manifest names no teacher; pass --teacher")
-    teacher = load_teacher(spec, device)
+        raise UserError(f"--data {args.data}: the manifest names no teacher; pass --teacher")
+    with blame("--teacher"):
+        teacher = load_teacher(spec, device)
     if "sha256" in recorded and teacher.identity()["sha256"] != recorded["sha256"]:
-        raise ValueError(f"--teacher {spec}: its weights (sha256 {teacher.identity()['sha256'][:16]}...) are not those "
-                         f"of the teacher that made {args.data} ({recorded.get('name')}, {recorded['sha256'][:16]}...)")
+        raise UserError(f"--teacher {spec}: its weights (sha256 {teacher.identity()['sha256'][:16]}...) are not those "
+                        f"of the teacher that made {args.data} ({recorded.get('name')}, {recorded['sha256'][:16]}...)")
     for attr, value in (("resolution", ds.resolution), ("channels", ds.channels), ("label_dim", ds.label_dim)):
         if getattr(teacher, attr) != value:
-            raise ValueError(f"--teacher {spec}: {attr} {getattr(teacher, attr)} but the pairs have {value}")
+            raise UserError(f"--teacher {spec}: {attr} {getattr(teacher, attr)} but the pairs have {value}")
     return teacher
 
 
@@ -69,14 +82,15 @@ def build_generator(args, ds, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     overrides = {} if args.backend is None else {"backend": args.backend}
     if args.generator is not None:
-        model = GET.from_pretrained(args.generator, ema=args.generator_ema, **overrides)
+        with blame("--generator"):
+            model = GET.from_pretrained(args.generator, ema=args.generator_ema, **overrides)
     else:
         model = create_model(args.model, input_size=ds.resolution, in_channels=ds.channels,
                              num_classes=ds.label_dim if ds.conditional else 0, **overrides)
     want = dict(input_size=ds.resolution, in_channels=ds.channels, num_classes=ds.label_dim)
     have = {k: model.config[k] for k in want}
     if have != want:
-        raise ValueError(f"--generator {args.generator}: the GET has {have}, the pairs need {want}")
+        raise UserError(f"--generator {args.generator}: the GET has {have}, the pairs need {want}")
     model = model.to(device)
     model.check_finite = False  # the loop checks finiteness itself, on every rank alike
     ema = None
@@ -149,7 +163,7 @@ def main(args):
     device = dist.init(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.bs % world:
-        raise ValueError(f"--bs {args.bs} is not divisible by the world size {world}")
+        raise UserError(f"--bs {args.bs} is not divisible by the world size {world}")
     per_rank = args.bs // world
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
@@ -158,9 +172,10 @@ def main(args):
                                gen_sigmas=tuple(args.gen_sigmas), backward_simulation=args.backward_simulation)
 
     # Data, networks, optimisers.
-    ds = PairDataset(args.data)
+    with blame("--data"):
+        ds = PairDataset(args.data)
     if len(ds) < args.bs:
-        raise ValueError(f"{args.data}: {len(ds)} pairs, fewer than one batch (--bs {args.bs})")
+        raise UserError(f"--data {args.data}: {len(ds)} pairs, fewer than one batch (--bs {args.bs})")
     teacher = build_teacher(args, ds, device)
     model, ema = build_generator(args, ds, device)
     critic = build_critic(args, settings, teacher, device)
@@ -169,13 +184,17 @@ def main(args):
     fake_warmup = args.fake_warmup if args.fake_warmup is not None else (0 if fake_kind == "copy" else 1000)
     g_params = [p for p in model.parameters() if p.requires_grad]
     c_params = list(critic.parameters())
+    fake_lr = args.fake_lr if args.fake_lr is not None else args.lr  # --fake-lr 0 is 0, not --lr
     adamw = dict(betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
     opt_g = torch.optim.AdamW(g_params, lr=args.lr, **adamw)
-    opt_c = torch.optim.AdamW(c_params, lr=args.fake_lr or args.lr, **adamw)
-    reg_fn, reg_name = regression_loss_fn(args, ds.channels, device) if args.method == "dmd" else (None, None)
+    opt_c = torch.optim.AdamW(c_params, lr=fake_lr, **adamw)
+    with blame("--reg-loss"):  # LPIPS: its weight files
+        reg_fn, reg_name = regression_loss_fn(args, ds.channels, device) if args.method == "dmd" else (None, None)
     sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
     z0_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank))  # GET's z_0 in training
-    guard = NonFiniteGuard(args.max_nonfinite)
+    # One guard per update: the critic's good updates must not hide a generator that never updates, or the reverse.
+    guards = {"generator": NonFiniteGuard(args.max_nonfinite, "generator updates"),
+              "critic": NonFiniteGuard(args.max_nonfinite, "critic updates")}
     seed_all(rank_seed(args.seed + 1, rank))  # sigma, noise, latents and labels: per-rank streams
 
     modules = {"model": model, "fake": critic.fake}
@@ -186,29 +205,37 @@ def main(args):
     optimizers = {"generator": opt_g, "critic": opt_c}
 
     # Run folder; resume.
+    identity = data_identity(ds)  # the pair set's, recorded in every checkpoint
     options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
                    per_rank_batch=per_rank, settings=settings.to_dict(), fake_warmup_resolved=fake_warmup,
                    fake_score_resolved=fake_kind,
                    reg_loss_resolved=reg_name, teacher_identity={k: v for k, v in teacher.identity().items()
                                                                  if k != "config"},
                    model_config=model.config, fake_config=critic.fake.config,
-                   dataset=dict(root=str(args.data), size=len(ds), resolution=ds.resolution, channels=ds.channels,
+                   dataset=dict(identity, resolution=ds.resolution, channels=ds.channels,
                                 label_dim=ds.label_dim))
-    run_dir, ckpt = prepare_run_dir(args.outdir, options, args.resume)
+    with blame("--outdir"):
+        run_dir, ckpt = prepare_run_dir(args.outdir, args.resume)
     step = 0
     if ckpt is None and args.init_fake is not None:  # weights only: a warmed-up fake score (and head)
-        load_checkpoint(args.init_fake, {k: v for k, v in modules.items() if k in ("fake", "head")},
-                        restore_rng=False)
+        with blame("--init-fake"):
+            load_checkpoint(args.init_fake, {k: v for k, v in modules.items() if k in ("fake", "head")},
+                            restore_rng=False)
         dist.print0(f"Fake score{' and GAN head' if critic.head is not None else ''} from {args.init_fake}.")
     if ckpt is not None:
-        meta = load_checkpoint(ckpt, modules, optimizers, {"z0": z0_gen})
+        with blame("--resume"):
+            meta = load_checkpoint(ckpt, modules, optimizers, {"z0": z0_gen})
         step = meta["step"]
-        sampler.load_state_dict(meta["state"]["sampler"])
-        guard.load_state_dict(meta["state"]["guard"])
+        options["data_change"] = resume_data(meta["state"], ds, sampler, args.allow_data_change)
+        for name, guard in guards.items():
+            # Checkpoints from before the split had one shared count: it bounds each update's run of skips.
+            guard.load_state_dict(meta["state"]["guards"][name] if "guards" in meta["state"]
+                                  else meta["state"]["guard"])
         if not meta["rng_restored"]:  # another world size: fresh streams, still deterministic
             z0_gen.manual_seed(rank_seed(args.seed + step, rank))
             seed_all(rank_seed(args.seed + 1 + step, rank))
         dist.print0(f"Resumed from {ckpt} at step {step}.")
+    record_options(run_dir, options, ckpt)  # only once the start or resume is accepted
     dist.print0(f"{args.method.upper()}: GET {count_parameters(model, trainable_only=True):,} parameters, fake "
                 f"score {count_parameters(critic):,} (with head); teacher {teacher.name}; {len(ds):,} pairs "
                 f"{ds.channels}x{ds.resolution}x{ds.resolution}; batch {args.bs} = world {world} x {per_rank}; "
@@ -246,10 +273,12 @@ def main(args):
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def optimizer_step(opt, params, loss, kind, step):
-        """Backward, clip, the non-finite check agreed by all ranks, step; returns the gradient norm."""
+        """Backward, clip, the non-finite check agreed by all ranks (counted by the guard of `kind`), step; returns
+        the gradient norm, or None when the update was skipped."""
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
         ok = bool(dist.all_mean((torch.isfinite(loss) & torch.isfinite(norm)).double()) == 1)
+        guard = guards[kind]
         if guard.check(ok, step + 1):
             opt.step()
         elif dist.is_main():
@@ -262,7 +291,7 @@ def main(args):
         log_metrics(0)  # the starting generator, under the same protocol
     while step < args.steps:
         lr_scale = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
-        for opt, base in ((opt_g, args.lr), (opt_c, args.fake_lr or args.lr)):
+        for opt, base in ((opt_g, args.lr), (opt_c, fake_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * lr_scale
         batch = next(data)  # pairs: DMD's regression targets, DMD2's real images
@@ -312,24 +341,28 @@ def main(args):
 
         # Logs, metrics, samples, checkpoints.
         if step % args.log_every == 0 or step == args.steps:
-            stats = dict(lr=args.lr * lr_scale, img_per_s=meter.rate(), epoch=sampler.epoch, skipped=guard.total)
+            stats = dict(lr=args.lr * lr_scale, img_per_s=meter.rate(), epoch=sampler.epoch,
+                         skipped_g=guards["generator"].total, skipped_c=guards["critic"].total)
+            # Means of the updates that ran (the same on every rank); an interval whose updates of one kind were all
+            # skipped logs none of that kind's keys.
             stats.update({k: float(dist.all_mean(v / counts[k])) for k, v in sorted(sums.items())})
             logger.log(step, stats)
-            if "loss_dm" in stats:
-                bar.set_postfix(dm=f"{stats['loss_dm']:.3g}", fake=f"{stats['loss_fake']:.3g}")
+            bar.set_postfix({name: f"{stats[key]:.3g}" for name, key in (("dm", "loss_dm"), ("fake", "loss_fake"))
+                             if key in stats})
             sums.clear()
             counts.clear()
+        if step % args.ckpt_every == 0 or step == args.steps:  # first: a failing evaluation or grid loses no step
+            check_ddp_consistency(model)
+            check_ddp_consistency(critic)
+            state = dict(sampler=sampler.state_dict(), guards={k: g.state_dict() for k, g in guards.items()},
+                         data=identity)
+            save_checkpoint(run_dir, step, modules, optimizers, state, {"z0": z0_gen}, keep=args.keep)
         if dist.is_main() and args.eval_every and can_eval and (step % args.eval_every == 0 or step == args.steps):
             log_metrics(step)
         if dist.is_main() and (step % args.sample_every == 0 or step == args.steps):
             images, _ = generate(sample_model(), parse_seeds(args.grid_seeds), ds.settings, device, sigmas)
             save_image_grid(images, run_dir / "samples" / f"{step:07d}.png")
             plot_loss_curve(run_dir, keys=("loss_dm", "loss_fake"))
-        if step % args.ckpt_every == 0 or step == args.steps:
-            check_ddp_consistency(model)
-            check_ddp_consistency(critic)
-            state = dict(sampler=sampler.state_dict(), guard=guard.state_dict())
-            save_checkpoint(run_dir, step, modules, optimizers, state, {"z0": z0_gen}, keep=args.keep)
     bar.close()
     logger.close()
     dist.print0(f"Done: {step} steps in {run_dir}")
@@ -343,9 +376,18 @@ def main(args):
 
 def float_list(s: str) -> list[float]:
     try:
-        return [float(v) for v in s.split(",")]
+        values = [float(v) for v in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {s!r}")
+    return values
+
+
+def fake_channels_ok(c: int) -> bool:
+    """The small fake score's widths C and 2C (channel_mult (1, 2, 2)) pass EDM's GroupNorm: min(32, width // 4)
+    groups that divide the width (get.edm.layers.GroupNorm)."""
+    return all(w >= 4 and w % min(32, w // 4) == 0 for w in (c, 2 * c))
 
 
 def parse_args(argv=None):
@@ -400,8 +442,16 @@ def parse_args(argv=None):
     if (args.generator is None) == (args.model is None):
         p.error("give exactly one of --generator CKPT (start from a distilled GET) and --model NAME (from scratch)")
     check_common_arguments(p, args)
-    if args.eval_every < 0 or (args.fake_warmup is not None and args.fake_warmup < 0):
-        p.error("--eval-every and --fake-warmup must be >= 0")
+    check_ranges(p, args, {"lr": NON_NEGATIVE, "fake_lr": NON_NEGATIVE, "warmup": NON_NEGATIVE, "wd": NON_NEGATIVE,
+                           "clip_grad": NON_NEGATIVE, "fake_warmup": NON_NEGATIVE, "eval_every": NON_NEGATIVE,
+                           "eval_ref": POSITIVE_INT})
+    if not fake_channels_ok(args.fake_channels):
+        p.error(f"--fake-channels must be at least 4 and give EDM's GroupNorm whole groups (e.g. 8, 16, 32, 64, 128), "
+                f"got {args.fake_channels}")
+    if args.eval_every:
+        check_seeds_option(p, "--eval-seeds", args.eval_seeds)
+    if args.fid_ref is not None and not args.fid_ref.is_file():
+        p.error(f"--fid-ref {args.fid_ref}: no such file")
     try:
         dmd.DMDSettings(args.method, ttur=args.ttur, gen_sigmas=tuple(args.gen_sigmas),
                         backward_simulation=args.backward_simulation, reg_weight=args.reg_weight,
@@ -414,5 +464,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    cli = parse_args()
-    dist.launch(main, cli.nproc, cli)
+    run_script(main, parse_args)

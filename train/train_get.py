@@ -24,11 +24,21 @@ from get.images import save_image_grid
 from get.losses import LOSSES, fp_correction, get_loss_fn
 from get.models import GET_models, count_parameters, create_model
 from get.seeds import draw_inputs, parse_seeds, rank_seed
-from get.training.checkpoints import load_checkpoint, prepare_run_dir, save_checkpoint
-from get.training.cli import add_common_arguments, check_common_arguments
+from get.training.checkpoints import load_checkpoint, prepare_run_dir, record_options, save_checkpoint
+from get.training.cli import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    UserError,
+    add_common_arguments,
+    blame,
+    check_common_arguments,
+    check_ranges,
+    run_script,
+)
 from get.training.guards import NonFiniteGuard
 from get.training.logs import StatsLogger, Throughput, plot_loss_curve
 from get.training.modules import MethodWrapper, check_ddp_consistency, requires_grad, update_ema
+from get.training.pairs import data_identity, resume_data
 
 DEFAULT_DATA = "data/pairs/edm-cifar10-32x32-uncond-vp"  # data_gen/generate.py's default output folder
 
@@ -68,24 +78,26 @@ def main(args):
     device = dist.init(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.bs % world:
-        raise ValueError(f"--bs {args.bs} is not divisible by the world size {world}")
+        raise UserError(f"--bs {args.bs} is not divisible by the world size {world}")
     per_rank = args.bs // world
     micro_bs = args.micro_bs or per_rank
     if per_rank % micro_bs:
-        raise ValueError(f"--micro-bs {micro_bs} does not divide the per-rank batch {per_rank} (--bs / world size)")
+        raise UserError(f"--micro-bs {micro_bs} does not divide the per-rank batch {per_rank} (--bs / world size)")
     accum = per_rank // micro_bs
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
 
     # Data, model, optimiser.
-    ds = PairDataset(args.data)
+    with blame("--data"):
+        ds = PairDataset(args.data)
     if len(ds) < args.bs:
-        raise ValueError(f"{args.data}: {len(ds)} pairs, fewer than one batch (--bs {args.bs})")
+        raise UserError(f"--data {args.data}: {len(ds)} pairs, fewer than one batch (--bs {args.bs})")
     model, ema = build_models(args, ds, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
-    crit = get_loss_fn(args.loss, **({} if args.loss != "lpips" else
-                                      dict(vgg_path=args.lpips_vgg, lin_path=args.lpips_lin)))
+    with blame("--loss"):  # LPIPS: its weight files
+        crit = get_loss_fn(args.loss, **({} if args.loss != "lpips" else
+                                          dict(vgg_path=args.lpips_vgg, lin_path=args.lpips_lin)))
     if isinstance(crit, torch.nn.Module):
         crit = crit.to(device)
     sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
@@ -95,20 +107,25 @@ def main(args):
     guard = NonFiniteGuard(args.max_nonfinite)
 
     # Run folder; resume.
+    identity = data_identity(ds)  # the pair set's, recorded in every checkpoint
     options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
                    per_rank_batch=per_rank, accumulation=accum, model_config=model.config,
-                   dataset=dict(root=str(args.data), size=len(ds), resolution=ds.resolution, channels=ds.channels,
+                   dataset=dict(identity, resolution=ds.resolution, channels=ds.channels,
                                 label_dim=ds.label_dim, teacher=ds.teacher))
-    run_dir, ckpt = prepare_run_dir(args.outdir, options, args.resume)
+    with blame("--outdir"):
+        run_dir, ckpt = prepare_run_dir(args.outdir, args.resume)
     step = 0
     if ckpt is not None:
-        meta = load_checkpoint(ckpt, {"model": model, "ema": ema}, {"opt": opt}, generators)
+        with blame("--resume"):
+            meta = load_checkpoint(ckpt, {"model": model, "ema": ema}, {"opt": opt}, generators)
         step = meta["step"]
-        sampler.load_state_dict(meta["state"]["sampler"])  # also continues exactly on another world size
+        # The same pair set (unless --allow-data-change); the sampler also continues exactly on another world size.
+        options["data_change"] = resume_data(meta["state"], ds, sampler, args.allow_data_change)
         guard.load_state_dict(meta["state"]["guard"])
         if not meta["rng_restored"] and z0_gen is not None:  # another world size: fresh z_0 streams, deterministic
             z0_gen.manual_seed(rank_seed(args.seed + step, rank))
         dist.print0(f"Resumed from {ckpt} at step {step} (epoch {sampler.epoch}).")
+    record_options(run_dir, options, ckpt)  # only once the start or resume is accepted
     kind = "conditional" if ds.conditional else "unconditional"
     dist.print0(f"GET {args.model}: {count_parameters(model, trainable_only=True):,} trainable parameters; "
                 f"{len(ds):,} {kind} pairs "
@@ -129,7 +146,7 @@ def main(args):
 
     def save(step):
         check_ddp_consistency(model)
-        state = dict(sampler=sampler.state_dict(), guard=guard.state_dict())
+        state = dict(sampler=sampler.state_dict(), guard=guard.state_dict(), data=identity)
         save_checkpoint(run_dir, step, {"model": model, "ema": ema}, {"opt": opt}, state, generators, keep=args.keep)
 
     bar = tqdm(total=args.steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True, desc="train")
@@ -181,12 +198,12 @@ def main(args):
             logger.log(step, stats)
             sums.zero_()
             n_ok = 0
+        if step % args.ckpt_every == 0 or step == args.steps:  # before the grid: a failing grid loses no step
+            save(step)
         if dist.is_main() and (step % args.sample_every == 0 or step == args.steps):
             grid = grid_images(ema, parse_seeds(args.grid_seeds), ds.settings, device)
             save_image_grid(grid, run_dir / "samples" / f"{step:07d}.png")
             plot_loss_curve(run_dir)
-        if step % args.ckpt_every == 0 or step == args.steps:
-            save(step)
     bar.close()
     logger.close()
     dist.print0(f"Done: {step} steps in {run_dir}")
@@ -223,13 +240,12 @@ def parse_args(argv=None):
     add_common_arguments(p, sample_every=10_000, ckpt_every=10_000)
     args = p.parse_args(argv)
     check_common_arguments(p, args)
-    if args.micro_bs is not None and args.micro_bs < 1:
-        p.error("--micro-bs must be >= 1")
+    check_ranges(p, args, {"micro_bs": POSITIVE_INT, "lr": NON_NEGATIVE, "warmup": NON_NEGATIVE, "wd": NON_NEGATIVE,
+                           "clip_grad": NON_NEGATIVE, "gamma": NON_NEGATIVE})
     if args.outdir is None:
         args.outdir = Path("runs") / f"{args.model.replace('/', '-')}-{args.data.resolve().name}"
     return args
 
 
 if __name__ == "__main__":
-    cli = parse_args()
-    dist.launch(main, cli.nproc, cli)
+    run_script(main, parse_args)

@@ -2,7 +2,8 @@
 
 A run folder holds:
 
-    options.json              the resolved command-line options of the first start (options-resume-NNNNNNN.json later)
+    options.json              the resolved command-line options of the first start (options-resume-NNNNNNN.json
+                              on each resume), written once the start or resume has passed its checks
     stats.jsonl               one JSON line per logged step (rank 0)
     tb/                       TensorBoard events (rank 0)
     samples/NNNNNNN.png       sample grids
@@ -12,7 +13,8 @@ A run folder holds:
         config.json           the "model" module's config: ``GET.from_pretrained(folder)`` loads the EMA weights
         optimizers.pt         {name: optimizer.state_dict()} (plain tensors and numbers; weights_only loadable)
         rng-rankRRR.pt        each rank's torch / CUDA / numpy / python / generator RNG states
-        checkpoint.json       step, module configs, world size and the loop's own state (written last)
+        checkpoint.json       step, module configs, world size and the loop's own state: sampler, guards, the pair
+                              set's identity (get.training.pairs); written last
 
 A checkpoint is written under a temporary folder name and renamed when complete, so a crash at any moment leaves
 either the whole checkpoint or none. Multi-node runs need the run folder on a shared file system.
@@ -92,15 +94,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def prepare_run_dir(outdir: str | os.PathLike, options: dict, resume: bool) -> tuple[Path, Path | None]:
-    """Creates or reopens a run folder and records the options (rank 0 writes; all ranks return the same).
+def prepare_run_dir(outdir: str | os.PathLike, resume: bool) -> tuple[Path, Path | None]:
+    """Checks a run folder before a run starts or resumes in it; writes nothing (see `record_options`).
 
     A folder that already has checkpoints is refused unless `resume` is set, so a run is never overwritten. With
     `resume` and no checkpoint the run starts fresh (convenient for pre-emptible jobs that always pass --resume).
 
     Args:
         outdir: the run folder.
-        options: JSON-able resolved options, written to options.json (options-resume-NNNNNNN.json on resume).
         resume: continue from the latest checkpoint.
 
     Returns:
@@ -114,13 +115,20 @@ def prepare_run_dir(outdir: str | os.PathLike, options: dict, resume: bool) -> t
     if not resume and (run_dir / "options.json").exists():
         raise FileExistsError(f"{run_dir} already holds a run (options.json, no checkpoint yet); pass --resume to "
                               f"restart it or choose another --outdir")
-    dist.barrier()  # every rank has looked before rank 0 writes
+    return run_dir, ckpt
+
+
+def record_options(run_dir: str | os.PathLike, options: dict, ckpt: Path | None) -> None:
+    """Writes the resolved options to options.json (options-resume-NNNNNNN.json when resuming from `ckpt`); rank 0
+    writes, all ranks return together. Call it once every check of the start or resume has passed, so that a
+    refused start leaves the run folder as it was."""
+    run_dir = Path(run_dir)
+    dist.barrier()  # every rank has looked at the folder before rank 0 writes
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         name = "options.json" if ckpt is None else f"options-resume-{int(ckpt.name):07d}.json"
         write_json(run_dir / name, options)
     dist.barrier()
-    return run_dir, ckpt
 
 
 def _module_config(module: nn.Module) -> dict | None:

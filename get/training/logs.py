@@ -83,15 +83,18 @@ def plot_loss_curve(run_dir: str | os.PathLike, keys: Iterable[str] = ("loss", "
     if not keys:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    plotted = False
     for key in keys:
         pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key]) and r[key] > 0]
         if pts:
             ax.plot(*zip(*pts), label=key)
+            plotted = True
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if plotted:  # nothing positive and finite to plot yet (e.g. only skipped updates): an empty chart, no legend
+        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
