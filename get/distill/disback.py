@@ -481,7 +481,7 @@ def _append_node(path: DegradationPath, score: nn.Module, iteration: int,
     if bad:
         raise FloatingPointError(f"record_degradation: the score network has non-finite values in {_few(bad)} at "
                                  f"iteration {iteration}; node {index} ({file}) is not written")
-    save_safetensors(file, state, metadata={"format": PATH_FORMAT, "index": index, "iteration": iteration})
+    save_safetensors(file, state)  # no metadata: safetensors writes it in hash order, and nodes must be reproducible
     path.nodes.append(PathNode(index, file.name, iteration, tensors_sha256(state)))
     path.resume = None
     if not path.complete and optimizer is not None:
@@ -670,13 +670,14 @@ class BacktrackingSchedule:
         ..., 1 in visiting order ('1000,1000,10000,10000')."""
         if spec == "paper":
             return cls.paper_64x64(num_nodes)
+        uniform = spec.startswith("uniform:")
         try:
-            if spec.startswith("uniform:"):
-                return cls.uniform(num_nodes, int(spec[len("uniform:"):]))
-            counts = [int(s) for s in spec.split(",")]
+            counts = [int(s) for s in spec.removeprefix("uniform:").split(",")]
         except ValueError:
             raise ValueError(f"backtracking schedule {spec!r}: expected 'paper', 'uniform:K' or comma-separated "
                              f"step counts for the nodes {num_nodes - 1} ... 1") from None
+        if uniform and len(counts) == 1:
+            return cls.uniform(num_nodes, counts[0])
         if len(counts) != num_nodes - 1:
             raise ValueError(f"backtracking schedule {spec!r}: {len(counts)} step counts for a path of {num_nodes} "
                              f"nodes; give one per node {num_nodes - 1} ... 1")
