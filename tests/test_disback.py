@@ -259,6 +259,7 @@ def test_load_path_verifies_every_node_and_names_what_is_wrong(recorded, tmp_pat
             (lambda m: m["nodes"][1].update(sha256="x"), r"nodes\[1\]\.sha256"),
             (lambda m: m["settings"].update(interval=0), "settings: .*interval"),
             (lambda m: m["settings"].pop("seed"), "settings must have exactly the fields"),
+            (lambda m: m["settings"].update(iterations=2 ** 40, interval=1), "path nodes, more than 1000"),
             (lambda m: m.update(complete=False), "complete is False but 4 of 4"),
             (lambda m: m["teacher"].update(sha256=None), r"teacher\.sha256"),
             (lambda m: m.update(resume={"file": "resume-0000006.pt", "iteration": 6, "sha256": "0" * 64}),

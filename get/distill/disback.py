@@ -129,7 +129,7 @@ class DegradationSettings:
                              f"got {self.sigma_range}")
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"{where}: sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
-        nodes = len(self.node_iterations())
+        nodes = -(-self.iterations // self.interval) + 1  # counted before node_iterations() builds the list
         if nodes > MAX_NODES:
             raise ValueError(f"{where}: iterations {self.iterations} / interval {self.interval} make {nodes} path "
                              f"nodes, more than {MAX_NODES}")
@@ -249,9 +249,13 @@ class DegradationPath:
         the manifest, the field and both values. A trainer calls it with its teacher and, before the first
         generator update, its (initial) generator.
         """
+        self._compare(_identity(teacher, generator, network, settings))
+
+    def _compare(self, identity: dict) -> None:
+        """:meth:`check` on identity fields already computed by :func:`_identity`."""
         recorded = {"teacher": self.teacher, "generator": self.generator, "network": self.network,
                     "settings": self.settings.to_dict()}
-        for key, value in _identity(teacher, generator, network, settings).items():
+        for key, value in identity.items():
             old = recorded[key]
             if old == value:
                 continue
@@ -517,7 +521,10 @@ def _restore(path: DegradationPath, score: nn.Module, optimizer: torch.optim.Opt
         raise PathError(f"{file}: recorded on {recorded}, resumed on {device.type}: the remaining nodes would not be "
                         f"the ones an uninterrupted recording writes; resume on {recorded}")
     load_node(path, path.last, score)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise PathError(f"{file}: the optimizer state does not fit the score network's parameters ({e})") from None
     torch.set_rng_state(state["rng"]["cpu"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -569,7 +576,7 @@ def record_degradation(teacher, score: nn.Module, generator: nn.Module, sample_l
     identity = _identity(teacher, generator, score, settings)
     if (folder / MANIFEST).is_file():
         path = load_path(folder)
-        path.check(teacher, generator, score, settings)
+        path._compare(identity)
         if path.complete:
             log(f"degradation path {folder}: complete ({len(path.nodes)} nodes), nothing to record")
             return path
