@@ -200,6 +200,9 @@ def test_a_path_of_another_teacher_generator_network_or_settings_is_refused(reco
         record(folder, settings=lr)
     with pytest.raises(PathMismatchError, match=r"generator\.sha256"):
         record(folder, generator=TinyGenerator(seed=7))
+    recorded.check(tiny_teacher(), TinyGenerator())  # what a trainer checks before its first generator update
+    with pytest.raises(PathMismatchError, match=r"path\.json: this path was recorded with generator\.sha256"):
+        recorded.check(generator=TinyGenerator(seed=7))
     with pytest.raises(PathMismatchError, match=r"teacher\.sha256"):
         record(folder, teacher=tiny_teacher(seed=3))
     teacher = tiny_teacher()
