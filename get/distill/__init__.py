@@ -33,6 +33,15 @@ Library pieces with no dependence on a training script; each is a pure function 
 * ``make_real_source(spec, teacher, ...)`` picks one from a string, ``default_real_spec(teacher)`` the default;
   every file problem is a ``RealDataError`` naming the file.
 
+``get.distill.disback`` (DisBack, docs/DISTILL.md "DisBack"):
+
+* the degradation path folder (``path.json`` + one safetensors file per node, sha256-verified): ``load_path``,
+  ``read_node``, ``load_node`` (strict: wrong, missing or extra keys are a ``PathError`` naming the file and keys);
+* Algorithm 1: ``record_degradation`` (denoising score matching alone against the frozen initial generator, exact
+  resume) with ``DegradationSettings`` (``paper_64x64``);
+* Algorithm 2: ``BacktrackingSchedule`` (step -> target node; ``paper_64x64``, ``uniform``, ``parse``) and
+  ``BacktrackingTarget`` (the switching real score, ``state_dict`` / ``load_state_dict`` for exact resume).
+
 Not here yet: the training loop as one family (``train/train_dmd.py`` still resolves its regression loss itself and
 uses the pair images as DMD2's real data) and per-method state objects for resume.
 """
