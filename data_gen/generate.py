@@ -17,6 +17,7 @@ after a crash keeps every shard whose checksum matches the manifest and generate
 
 import argparse
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from get import data, dist
-from get.edm.sampler import edm_sampler
+from get.edm.sampler import check_sampler_settings, edm_sampler, sampler_sigma_range
 from get.images import pair_grid, save_image_grid
 from get.seeds import draw_inputs, parse_seeds
 from get.teachers import load_teacher
@@ -71,9 +72,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun's parser claims `--nproc` (an abbreviation of its --nproc-per-node), so after torchrun it follows `--`;
     # this script has no positional arguments, so the separator carries no meaning here.
     args = p.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
-    if args.batch < 1 or (args.shard_size is not None and args.shard_size < 1) or args.steps < 2 or args.grid < 0:
-        p.error("--batch and --shard-size must be >= 1, --steps >= 2, --grid >= 0")
+    # Everything checkable without the teacher is checked here, before any worker starts or any file is written.
+    for flag, value, least in (("--nproc", args.nproc, 1), ("--batch", args.batch, 1),
+                               ("--shard-size", args.shard_size, 1), ("--grid", args.grid, 0)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    try:
+        check_sampler_settings(**sampler_kwargs(args), names=SAMPLER_FLAGS)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        data.shard_seeds(parse_seeds(args.seeds), args.shard_size or 1)  # syntax, bounds, duplicates
+    except ValueError as e:
+        p.error(f"--seeds: {str(e).removeprefix('seeds: ')}")
     return args
+
+
+# The command-line flag of each sampler setting, for error messages.
+SAMPLER_FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
+                 "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise"}
+
+
+def sampler_kwargs(args) -> dict:
+    """The sampler settings of the command line, as ``edm_sampler``'s keywords."""
+    return {key: getattr(args, "steps" if key == "num_steps" else key) for key in SAMPLER_FLAGS}
 
 
 def default_shard_size(num_seeds: int) -> int:
@@ -88,9 +110,7 @@ def default_outdir(teacher: str) -> Path:
 
 def pair_settings(teacher, args, device: torch.device) -> data.PairSettings:
     """Everything besides the seeds that decides the pairs (compared on resume), from the command line."""
-    sampler = data.SamplerSettings(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                                   rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                                   S_noise=args.S_noise)
+    sampler = data.SamplerSettings(**sampler_kwargs(args))
     # The generators live on the compute device, as in EDM: CPU and CUDA generators give different streams.
     return data.PairSettings.for_teacher(teacher, sampler, label_policy=args.labels, precision=args.precision,
                                          rng_device=device.type,
@@ -198,11 +218,19 @@ def main(args) -> int:
     teacher = load_teacher(args.teacher, device)
     if dist.is_main():
         dist.barrier()
+    sampler_sigma_range(teacher, args.sigma_min, args.sigma_max, names=SAMPLER_FLAGS)  # before anything is written
     shard_size = args.shard_size or default_shard_size(len(seeds))
     plan = data.shard_seeds(seeds, shard_size)
     settings = pair_settings(teacher, args, device)
     manifest = open_folder(outdir, data.new_manifest(settings, seeds, shard_size))
     pending = check_existing(outdir, manifest)
+    if not pending:  # complete and verified: nothing is rewritten (the folder may be read-only)
+        dist.print0(f"{outdir}: complete, all {len(plan)} shards verified; nothing to do")
+        if dist.is_main():
+            write_grid(outdir, manifest, teacher, args.grid)
+        dist.barrier()
+        dist.cleanup()
+        return 0
     kept = len(plan) - len(pending)
     dist.print0(f"{outdir}: {len(plan)} shards of up to {shard_size} pairs; {kept} done and verified, "
                 f"{len(pending)} to generate on {world} process(es)")
@@ -247,14 +275,26 @@ def summary(outdir: Path, manifest: dict, teacher, args, device: torch.device, d
     print(f"  teacher {settings['teacher']['name']} (sha256 {settings['teacher']['sha256'][:16]}...), "
           f"{args.steps} steps ({2 * args.steps - 1} teacher calls per pair), precision {args.precision}, "
           f"images {settings['tensors']['image']['dtype']}")
-    if args.grid > 0 and manifest["complete"] and teacher.channels in (1, 3):
-        n = min(args.grid, settings["num_pairs"])
+    write_grid(outdir, manifest, teacher, args.grid)
+
+
+def write_grid(outdir: Path, manifest: dict, teacher, grid: int) -> None:
+    """<outdir>/pairs.png (noise | image) of the first ``grid`` pairs of a complete data set, unless it exists."""
+    path = outdir / "pairs.png"
+    if grid > 0 and manifest["complete"] and teacher.channels in (1, 3) and not path.exists():
+        n = min(grid, manifest["settings"]["num_pairs"])
         pairs = data.PairDataset(outdir).get_batch(range(n))
-        path = save_image_grid(pair_grid(pairs["noise"], pairs["image"]), outdir / "pairs.png",
-                               nrow=2 * min(4, n))
+        save_image_grid(pair_grid(pairs["noise"], pairs["image"]), path, nrow=2 * min(4, n))
         print(f"  {n} pairs (noise | image) in {path}")
 
 
+# Bad input (a flag, a file, a folder): one line on stderr and exit status 1, no traceback. data.PairDataError is a
+# ValueError; crafted teacher files raise UnpicklingError.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+
 if __name__ == "__main__":
     cli = parse_args()
-    raise SystemExit(dist.launch(main, cli.nproc, cli))
+    try:
+        raise SystemExit(dist.launch(main, cli.nproc, cli, user_errors=USER_ERRORS))
+    except (*USER_ERRORS, dist.WorkerError) as e:
+        raise SystemExit(f"generate.py: error: {e}") from None
