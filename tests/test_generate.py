@@ -8,6 +8,7 @@ each multi-process check is one launch.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,14 +16,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from get import data
-from get.edm.sampler import edm_sampler
+from get.edm.sampler import edm_sampler, sampler_sigma_range
+from get.mixture import MixtureTeacher
 from get.seeds import StackedRandomGenerator, draw_inputs, parse_seeds
-from get.teachers import load_teacher
+from get.teachers import load_teacher, save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ROOT / "data_gen" / "generate.py"
@@ -201,3 +204,119 @@ def test_other_settings_are_refused(ref, tmp_path):
     with pytest.raises(data.SettingsMismatchError, match=r"teacher\.config"):
         run_here(out, *COMMON[2:], "--teacher", "mixture")
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_bad_flags_are_named_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "never"
+    for flags, message in [(["--S-churn", "-1"], "--S-churn must be >= 0, got -1.0"),
+                           (["--rho", "0"], "--rho must be > 0, got 0.0"), (["--rho", "-7"], "--rho must be > 0, got -7.0"),
+                           (["--sigma-min", "-1"], "--sigma-min must be > 0, got -1.0"),
+                           (["--S-noise", "-1"], "--S-noise must be >= 0"),
+                           (["--S-min", "2", "--S-max", "1"], "--S-min must be <= --S-max, got 2.0 > 1.0"),
+                           (["--sigma-max", "inf"], "--sigma-max must be finite"),
+                           (["--S-churn", "nan"], "--S-churn must be a number, got nan"),
+                           (["--steps", "1"], "--steps must be an integer >= 2, got 1"),
+                           (["--batch", "0"], "--batch must be >= 1, got 0"),
+                           (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+                           (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+                           (["--seeds", str(2**64)], f"--seeds: {2**64} in '{2**64}' exceeds the largest seed"),
+                           (["--seeds", "-1"], "--seeds: cannot parse item '-1' in '-1' \\(seeds must be >= 0\\)"),
+                           (["--seeds", "0-3,2"], "--seeds: the seed list has duplicates \\(seed 2\\)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            generate.parse_args(["--teacher", "mixture-demo", "--outdir", str(out), *flags])
+        assert exit_info.value.code == 2
+        assert re.search(f": error: {message}", capsys.readouterr().err.splitlines()[-1]), flags
+    assert not out.exists()
+    # The teacher's noise range is known once it is loaded: checked before the folder is made.
+    teacher = SimpleNamespace(sigma_min=0.002, sigma_max=80.0)
+    args = generate.parse_args(["--sigma-min", "100", "--sigma-max", "200"])
+    with pytest.raises(ValueError, match=r"--sigma-min 100.0 and --sigma-max 200.0 leave no interval inside the "
+                                         r"teacher's noise range \[0.002, 80.0\]"):
+        sampler_sigma_range(teacher, args.sigma_min, args.sigma_max, names=generate.SAMPLER_FLAGS)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without tqdm's progress lines."""
+    return [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+
+
+def test_user_errors_are_one_line_also_from_workers(tmp_path):
+    """A bad flag, and a data set that would hold non-finite values (float16 overflow of a crafted teacher) detected in
+    a worker of --nproc 2: one line naming the problem on stderr, exit status != 0, no traceback, no shard written."""
+    proc = subprocess.run([sys.executable, str(GEN), "--S-churn", "-1", "--outdir", str(tmp_path / "a")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "generate.py: error: --S-churn must be >= 0, got -1.0"
+    assert not (tmp_path / "a").exists()
+
+    save_teacher(MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1, mean_scale=1e6, name="huge"),
+                 tmp_path / "huge")
+    out = tmp_path / "b"
+    proc = subprocess.run([sys.executable, str(GEN), "--teacher", str(tmp_path / "huge"), "--seeds", "0-7",
+                           "--steps", "2", "--shard-size", "4", "--image-dtype", "fp16", "--outdir", str(out),
+                           "--nproc", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(r"generate.py: error: .*/b/shard-0000[01].safetensors: tensor 'image' is not finite \(NaN "
+                        r"or inf or beyond float16's range\) for 4 of 4 seeds: (0-3|4-7); nothing written", lines[0])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
+def test_a_complete_data_set_is_not_rewritten(ref, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    (out / "pairs.png").unlink()
+    stale = [".manifest.json.x1y2z3_a.tmp", ".pairs.png.abcdefgh.tmp", ".shard-00003.safetensors.0a1b2c3d.tmp"]
+    for name in stale + ["notes.tmp"]:
+        (out / name).write_bytes(b"left by a killed run")
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir() if p.name not in stale}
+
+    capsys.readouterr()
+    assert run_here(out, *COMMON) == 0
+    assert "complete, all 30 shards verified; nothing to do" in capsys.readouterr().out
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert set(after) == set(before) | {"pairs.png"}  # the stale temporaries are gone, the missing grid is back
+    assert all(after[name] == before[name] for name in before)  # nothing else was rewritten
+    assert (out / "pairs.png").read_bytes() == (ref / "pairs.png").read_bytes()
+    assert run_here(out, *COMMON) == 0 and after == {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+                                                     for p in out.iterdir()}
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        for p in [out, *out.iterdir()]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        try:
+            assert run_here(out, *COMMON) == 0
+        finally:
+            out.chmod(0o755)
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_workers_end_when_the_launcher_is_killed(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(GEN), *COMMON, "--outdir", str(tmp_path / "out"), "--nproc", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, []
+    try:
+        while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = _workers(proc.pid)
+            time.sleep(0.01)
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(0.5)  # their start data is in the pipe: killed later, they would import and go on
+        proc.kill()  # SIGKILL: the launcher cannot stop its workers
+        proc.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.1)
+        left = [pid for pid in workers if _alive(pid)]
+        assert not left, f"workers {left} outlived their launcher"
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
