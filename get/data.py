@@ -377,8 +377,8 @@ def write_shard(root: str | os.PathLike, manifest: dict, index: int, tensors: di
             seeds = out["seed"][bad].tolist()
             shown = format_seeds(seeds[:32]) + (", ..." if len(seeds) > 32 else "")
             beyond = " or beyond float16's range" if t.dtype == torch.float16 else ""
-            raise ValueError(f"{Path(root) / entry['file']}: tensor {name!r} is not finite (NaN or inf{beyond}) for {len(seeds)} "
-                             f"of {entry['count']} seeds: {shown}; nothing written")
+            raise ValueError(f"{Path(root) / entry['file']}: tensor {name!r} is not finite (NaN or inf{beyond}) for "
+                             f"{len(seeds)} of {entry['count']} seeds: {shown}; nothing written")
     # One metadata key: safetensors writes its metadata map in arbitrary order, and shard bytes must be reproducible.
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "shard": index, "seeds": entry["seeds"],
             "settings_sha256": settings_fingerprint(settings)}

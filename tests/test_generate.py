@@ -209,7 +209,8 @@ def test_other_settings_are_refused(ref, tmp_path):
 def test_bad_flags_are_named_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "never"
     for flags, message in [(["--S-churn", "-1"], "--S-churn must be >= 0, got -1.0"),
-                           (["--rho", "0"], "--rho must be > 0, got 0.0"), (["--rho", "-7"], "--rho must be > 0, got -7.0"),
+                           (["--rho", "0"], "--rho must be > 0, got 0.0"),
+                           (["--rho", "-7"], "--rho must be > 0, got -7.0"),
                            (["--sigma-min", "-1"], "--sigma-min must be > 0, got -1.0"),
                            (["--S-noise", "-1"], "--S-noise must be >= 0"),
                            (["--S-min", "2", "--S-max", "1"], "--S-min must be <= --S-max, got 2.0 > 1.0"),
@@ -243,8 +244,8 @@ def _error_lines(stderr: str) -> list[str]:
 def test_user_errors_are_one_line_also_from_workers(tmp_path):
     """A bad flag, and a data set that would hold non-finite values (float16 overflow of a crafted teacher) detected in
     a worker of --nproc 2: one line naming the problem on stderr, exit status != 0, no traceback, no shard written."""
-    proc = subprocess.run([sys.executable, str(GEN), "--S-churn", "-1", "--outdir", str(tmp_path / "a")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(GEN), "--teacher", "mixture-demo", "--S-churn", "-1", "--outdir",
+                           str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == "generate.py: error: --S-churn must be >= 0, got -1.0"
     assert not (tmp_path / "a").exists()
