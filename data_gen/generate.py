@@ -10,9 +10,11 @@ Examples:
 
 (torchrun's own parser takes ``--nproc`` for its ``--nproc-per-node``: after torchrun, put ``--`` before it.)
 
-Pair k of the data set is a function of seed k only (see get/seeds.py), and shard j always holds the same
-seeds, so the folder is the same whatever the number of processes or the batch size. Rerunning the same command
-after a crash keeps every shard whose checksum matches the manifest and generates the rest. Output format: get/data.py.
+Pair k's random inputs are a function of seed k only (see get/seeds.py) and shard j always holds the same seeds, so
+the folder is bit-identical for any number of processes at equal --batch and threads per process (kernels round by
+batch size and thread count; README, "What is bit-identical"). Rerunning the same command after a crash keeps every
+shard whose checksum matches the manifest and generates the rest; a complete data set is not rewritten. Bad input ends
+with one line "generate.py: error: ..." and exit status 1 (2 for flags). Output format: get/data.py.
 """
 
 import argparse
@@ -31,8 +33,9 @@ from get.images import pair_grid, save_image_grid
 from get.seeds import draw_inputs, parse_seeds
 from get.teachers import load_teacher
 
-# Rows are evaluated in groups of 8: a row then always takes the vectorised path of CPU kernels, never a scalar
-# remainder loop that rounds differently, so a pair does not depend on the batch it was computed in.
+# Rows are evaluated in groups of 8 (the last group padded): CPU kernels then take their vectorised path, never a
+# scalar remainder loop for a few rows. This does not make a pair independent of the batch size: matrix and convolution
+# kernels split their sums by batch size and thread count, so bits are reproducible only at equal --batch and threads.
 ROW_GROUP = 8
 
 
