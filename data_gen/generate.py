@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                ("--shard-size", args.shard_size, 1), ("--grid", args.grid, 0)):
         if value is not None and value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available (use --device cpu)")
     try:
         check_sampler_settings(**sampler_kwargs(args), names=SAMPLER_FLAGS)
     except ValueError as e:
@@ -287,7 +289,11 @@ def write_grid(outdir: Path, manifest: dict, teacher, grid: int) -> None:
     if grid > 0 and manifest["complete"] and teacher.channels in (1, 3) and not path.exists():
         n = min(grid, manifest["settings"]["num_pairs"])
         pairs = data.PairDataset(outdir).get_batch(range(n))
-        save_image_grid(pair_grid(pairs["noise"], pairs["image"]), path, nrow=2 * min(4, n))
+        try:
+            save_image_grid(pair_grid(pairs["noise"], pairs["image"]), path, nrow=2 * min(4, n))
+        except OSError as e:  # a preview only: a read-only data set stays usable
+            print(f"  {path} not written: {e.strerror or e}")
+            return
         print(f"  {n} pairs (noise | image) in {path}")
 
 
