@@ -279,6 +279,7 @@ def launch(main_fn, nproc: int | None, args, user_errors: tuple[type[BaseExcepti
     try:
         with _held_logs() as logs:
             try:
+                # {global rank: result} of this node's workers
                 results = elastic_launch(config, _worker)(main_fn, args, os.getpid(), tuple(user_errors))
             except ChildFailedError as e:
                 causes = sorted((f.timestamp, rank, f.message) for rank, f in e.failures.items()
