@@ -241,25 +241,25 @@ def main(args) -> int:
                 f"{len(pending)} to generate on {world} process(es)")
 
     todo = sum(len(plan[k]) for k in pending)
-    bar = tqdm(total=todo, unit="pair", disable=not dist.is_main(), dynamic_ncols=True, smoothing=0.1)
     done, start = 0, time.time()
-    for first in range(0, len(pending), world):
-        active = min(world, len(pending) - first)  # ranks with a shard this round
-        k = pending[first + rank] if rank < active else None
-        record = None
-        if k is not None:
-            # Rank 0 sees its own batches only: count them for every active rank (corrected after the round).
-            tensors = generate_shard(teacher, plan[k], settings, args.batch, device,
-                                     lambda n, w=active: bar.update(min(n * w, todo - bar.n)))
-            record = data.write_shard(outdir, manifest, k, tensors)
-        records = [r for r in dist.all_gather_object(record) if r is not None]
-        data.record_shards(manifest, records)
-        if dist.is_main():
-            data.write_manifest(outdir, manifest)
-        done += sum(r["count"] for r in records)
-        bar.n = done
-        bar.refresh()
-    bar.close()
+    # Closed on errors too, so that an error message starts on its own line.
+    with tqdm(total=todo, unit="pair", disable=not dist.is_main(), dynamic_ncols=True, smoothing=0.1) as bar:
+        for first in range(0, len(pending), world):
+            active = min(world, len(pending) - first)  # ranks with a shard this round
+            k = pending[first + rank] if rank < active else None
+            record = None
+            if k is not None:
+                # Rank 0 sees its own batches only: count them for every active rank (corrected after the round).
+                tensors = generate_shard(teacher, plan[k], settings, args.batch, device,
+                                         lambda n, w=active: bar.update(min(n * w, todo - bar.n)))
+                record = data.write_shard(outdir, manifest, k, tensors)
+            records = [r for r in dist.all_gather_object(record) if r is not None]
+            data.record_shards(manifest, records)
+            if dist.is_main():
+                data.write_manifest(outdir, manifest)
+            done += sum(r["count"] for r in records)
+            bar.n = done
+            bar.refresh()
     elapsed = time.time() - start
 
     if dist.is_main():

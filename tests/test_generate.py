@@ -269,7 +269,8 @@ def _error_lines(stderr: str) -> list[str]:
 
 def test_user_errors_are_one_line_also_from_workers(tmp_path):
     """A bad flag, and a data set that would hold non-finite values (float16 overflow of a crafted teacher) detected in
-    a worker of --nproc 2: one line naming the problem on stderr, exit status != 0, no traceback, no shard written."""
+    one process or in a worker of --nproc 2: one line naming the problem on stderr, exit status != 0, no traceback, no
+    shard written."""
     proc = subprocess.run([sys.executable, str(GEN), "--teacher", "mixture-demo", "--S-churn", "-1", "--outdir",
                            str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -278,16 +279,18 @@ def test_user_errors_are_one_line_also_from_workers(tmp_path):
 
     save_teacher(MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1, mean_scale=1e6, name="huge"),
                  tmp_path / "huge")
-    out = tmp_path / "b"
-    proc = subprocess.run([sys.executable, str(GEN), "--teacher", str(tmp_path / "huge"), "--seeds", "0-7",
-                           "--steps", "2", "--shard-size", "4", "--image-dtype", "fp16", "--outdir", str(out),
-                           "--nproc", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    lines = _error_lines(proc.stderr)
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert re.fullmatch(r"generate.py: error: .*/b/shard-0000[01].safetensors: tensor 'image' is not finite \(NaN "
-                        r"or inf or beyond float16's range\) for 4 of 4 seeds: (0-3|4-7); nothing written", lines[0])
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    for nproc in ([], ["--nproc", "2"]):
+        out = tmp_path / f"b{len(nproc)}"
+        proc = subprocess.run([sys.executable, str(GEN), "--teacher", str(tmp_path / "huge"), "--seeds", "0-7",
+                               "--steps", "2", "--shard-size", "4", "--image-dtype", "fp16", "--outdir", str(out),
+                               *nproc], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        lines = _error_lines(proc.stderr)
+        assert len(lines) == 1 and proc.stderr.splitlines()[-1] == lines[0], proc.stderr[-3000:]
+        assert re.fullmatch(r"generate.py: error: .*/b\d/shard-0000[01].safetensors: tensor 'image' is not finite "
+                            r"\(NaN or inf or beyond float16's range\) for 4 of 4 seeds: (0-3|4-7); nothing written",
+                            lines[0])
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
 
 
 def test_a_complete_data_set_is_not_rewritten(ref, tmp_path, capsys):
