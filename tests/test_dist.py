@@ -1,4 +1,5 @@
-"""get.dist: single-process behaviour, refusal of a conflicting --nproc, and collectives across spawned workers.
+"""get.dist: single-process behaviour, refusal of a conflicting --nproc, collectives across spawned workers, and a
+worker's user error reported in one line (other failures keep torch's report).
 
 The two-node torchrun case (c10d rendezvous on loopback, --nproc inside each node) runs in tests/test_generate.py.
 """
