@@ -3,7 +3,7 @@ nodes at equal --batch and threads per process (the bits depend on both: README,
 a killed rank, refusal of other settings, --verify naming bad shards, bad input named in one line, no non-finite
 shard, no rewrite of a complete data set, and workers that end with a killed launcher.
 
-Every run here uses --batch 16 and one thread per process (tests/conftest.py sets OMP_NUM_THREADS=1).
+Runs compared bit for bit use equal --batch and one thread per process (tests/conftest.py sets OMP_NUM_THREADS=1).
 
 Process launches are the cost here (a few seconds each on 2 cores): one in-process reference data set is shared, and
 each multi-process check is one launch.
