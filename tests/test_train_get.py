@@ -1,5 +1,6 @@
 """train/train_get.py end to end on tiny pair sets: exact resume, config refusal, non-finite skips, 2-process DDP."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from get.data import EpochSampler, PairSettings, new_manifest, record_shards, tensor_spec, write_manifest, write_shard
 from get.losses import fp_correction, l1_loss
@@ -43,11 +45,18 @@ def make_pairs(root, n=32, channels=3, resolution=8, label_dim=0, shard_size=16,
         shard_seeds = seeds[k * shard_size:(k + 1) * shard_size]
         noise = torch.randn(len(shard_seeds), channels, resolution, resolution,
                             generator=torch.Generator().manual_seed(k))
-        image = torch.full_like(noise, float("nan")) if nan else 0.5 * torch.tanh(noise.flip(-1))
+        image = 0.5 * torch.tanh(noise.flip(-1))
         tensors = dict(noise=noise, image=image, seed=torch.tensor(shard_seeds))
         if label_dim:
             tensors["label"] = torch.tensor(shard_seeds) % label_dim
         records.append(write_shard(root, manifest, k, tensors))
+        if nan:  # a crafted shard: get.data never writes non-finite values
+            path = Path(root) / records[-1]["file"]
+            with safe_open(path, "pt") as f:
+                meta, crafted = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+            crafted["image"] = torch.full_like(crafted["image"], float("nan"))
+            save_file(crafted, path, metadata=meta)
+            records[-1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     write_manifest(root, record_shards(manifest, records))
     return Path(root)
 
