@@ -10,13 +10,16 @@ Examples:
 
 (torchrun's own parser takes ``--nproc`` for its ``--nproc-per-node``: after torchrun, put ``--`` before it.)
 
-Pair k of the data set is a function of seed k only (see get/seeds.py), and shard j always holds the same
-seeds, so the folder is the same whatever the number of processes or the batch size. Rerunning the same command
-after a crash keeps every shard whose checksum matches the manifest and generates the rest. Output format: get/data.py.
+Pair k's random inputs are a function of seed k only (see get/seeds.py) and shard j always holds the same seeds, so
+the folder is bit-identical for any number of processes at equal --batch and threads per process (kernels round by
+batch size and thread count; README, "What is bit-identical"). Rerunning the same command after a crash keeps every
+shard whose checksum matches the manifest and generates the rest; a complete data set is not rewritten. Bad input ends
+with one line "generate.py: error: ..." and exit status 1 (2 for flags). Output format: get/data.py.
 """
 
 import argparse
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -25,13 +28,14 @@ import torch
 from tqdm import tqdm
 
 from get import data, dist
-from get.edm.sampler import edm_sampler
+from get.edm.sampler import check_sampler_settings, edm_sampler, sampler_sigma_range
 from get.images import pair_grid, save_image_grid
 from get.seeds import draw_inputs, parse_seeds
 from get.teachers import load_teacher
 
-# Rows are evaluated in groups of 8: a row then always takes the vectorised path of CPU kernels, never a scalar
-# remainder loop that rounds differently, so a pair does not depend on the batch it was computed in.
+# Rows are evaluated in groups of 8 (the last group padded): CPU kernels then take their vectorised path, never a
+# scalar remainder loop for a few rows. This does not make a pair independent of the batch size: matrix and convolution
+# kernels split their sums by batch size and thread count, so bits are reproducible only at equal --batch and threads.
 ROW_GROUP = 8
 
 
@@ -71,9 +75,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     # torchrun's parser claims `--nproc` (an abbreviation of its --nproc-per-node), so after torchrun it follows `--`;
     # this script has no positional arguments, so the separator carries no meaning here.
     args = p.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != "--"])
-    if args.batch < 1 or (args.shard_size is not None and args.shard_size < 1) or args.steps < 2 or args.grid < 0:
-        p.error("--batch and --shard-size must be >= 1, --steps >= 2, --grid >= 0")
+    # Everything checkable without the teacher is checked here, before any worker starts or any file is written.
+    for flag, value, least in (("--nproc", args.nproc, 1), ("--batch", args.batch, 1),
+                               ("--shard-size", args.shard_size, 1), ("--grid", args.grid, 0)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available (use --device cpu)")
+    try:
+        check_sampler_settings(**sampler_kwargs(args), names=SAMPLER_FLAGS)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        data.shard_seeds(parse_seeds(args.seeds), args.shard_size or 1)  # syntax, bounds, duplicates
+    except ValueError as e:
+        p.error(f"--seeds: {str(e).removeprefix('seeds: ')}")
     return args
+
+
+# The command-line flag of each sampler setting, for error messages.
+SAMPLER_FLAGS = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "rho": "--rho",
+                 "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise"}
+
+
+def sampler_kwargs(args) -> dict:
+    """The sampler settings of the command line, as ``edm_sampler``'s keywords."""
+    return {key: getattr(args, "steps" if key == "num_steps" else key) for key in SAMPLER_FLAGS}
 
 
 def default_shard_size(num_seeds: int) -> int:
@@ -88,9 +115,7 @@ def default_outdir(teacher: str) -> Path:
 
 def pair_settings(teacher, args, device: torch.device) -> data.PairSettings:
     """Everything besides the seeds that decides the pairs (compared on resume), from the command line."""
-    sampler = data.SamplerSettings(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                                   rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                                   S_noise=args.S_noise)
+    sampler = data.SamplerSettings(**sampler_kwargs(args))
     # The generators live on the compute device, as in EDM: CPU and CUDA generators give different streams.
     return data.PairSettings.for_teacher(teacher, sampler, label_policy=args.labels, precision=args.precision,
                                          rng_device=device.type,
@@ -198,35 +223,43 @@ def main(args) -> int:
     teacher = load_teacher(args.teacher, device)
     if dist.is_main():
         dist.barrier()
+    sampler_sigma_range(teacher, args.sigma_min, args.sigma_max, names=SAMPLER_FLAGS)  # before anything is written
     shard_size = args.shard_size or default_shard_size(len(seeds))
     plan = data.shard_seeds(seeds, shard_size)
     settings = pair_settings(teacher, args, device)
     manifest = open_folder(outdir, data.new_manifest(settings, seeds, shard_size))
     pending = check_existing(outdir, manifest)
+    if not pending:  # complete and verified: nothing is rewritten (the folder may be read-only)
+        dist.print0(f"{outdir}: complete, all {len(plan)} shards verified; nothing to do")
+        if dist.is_main():
+            write_grid(outdir, manifest, teacher, args.grid)
+        dist.barrier()
+        dist.cleanup()
+        return 0
     kept = len(plan) - len(pending)
     dist.print0(f"{outdir}: {len(plan)} shards of up to {shard_size} pairs; {kept} done and verified, "
                 f"{len(pending)} to generate on {world} process(es)")
 
     todo = sum(len(plan[k]) for k in pending)
-    bar = tqdm(total=todo, unit="pair", disable=not dist.is_main(), dynamic_ncols=True, smoothing=0.1)
     done, start = 0, time.time()
-    for first in range(0, len(pending), world):
-        active = min(world, len(pending) - first)  # ranks with a shard this round
-        k = pending[first + rank] if rank < active else None
-        record = None
-        if k is not None:
-            # Rank 0 sees its own batches only: count them for every active rank (corrected after the round).
-            tensors = generate_shard(teacher, plan[k], settings, args.batch, device,
-                                     lambda n, w=active: bar.update(min(n * w, todo - bar.n)))
-            record = data.write_shard(outdir, manifest, k, tensors)
-        records = [r for r in dist.all_gather_object(record) if r is not None]
-        data.record_shards(manifest, records)
-        if dist.is_main():
-            data.write_manifest(outdir, manifest)
-        done += sum(r["count"] for r in records)
-        bar.n = done
-        bar.refresh()
-    bar.close()
+    # Closed on errors too, so that an error message starts on its own line.
+    with tqdm(total=todo, unit="pair", disable=not dist.is_main(), dynamic_ncols=True, smoothing=0.1) as bar:
+        for first in range(0, len(pending), world):
+            active = min(world, len(pending) - first)  # ranks with a shard this round
+            k = pending[first + rank] if rank < active else None
+            record = None
+            if k is not None:
+                # Rank 0 sees its own batches only: count them for every active rank (corrected after the round).
+                tensors = generate_shard(teacher, plan[k], settings, args.batch, device,
+                                         lambda n, w=active: bar.update(min(n * w, todo - bar.n)))
+                record = data.write_shard(outdir, manifest, k, tensors)
+            records = [r for r in dist.all_gather_object(record) if r is not None]
+            data.record_shards(manifest, records)
+            if dist.is_main():
+                data.write_manifest(outdir, manifest)
+            done += sum(r["count"] for r in records)
+            bar.n = done
+            bar.refresh()
     elapsed = time.time() - start
 
     if dist.is_main():
@@ -247,14 +280,30 @@ def summary(outdir: Path, manifest: dict, teacher, args, device: torch.device, d
     print(f"  teacher {settings['teacher']['name']} (sha256 {settings['teacher']['sha256'][:16]}...), "
           f"{args.steps} steps ({2 * args.steps - 1} teacher calls per pair), precision {args.precision}, "
           f"images {settings['tensors']['image']['dtype']}")
-    if args.grid > 0 and manifest["complete"] and teacher.channels in (1, 3):
-        n = min(args.grid, settings["num_pairs"])
+    write_grid(outdir, manifest, teacher, args.grid)
+
+
+def write_grid(outdir: Path, manifest: dict, teacher, grid: int) -> None:
+    """<outdir>/pairs.png (noise | image) of the first ``grid`` pairs of a complete data set, unless it exists."""
+    path = outdir / "pairs.png"
+    if grid > 0 and manifest["complete"] and teacher.channels in (1, 3) and not path.exists():
+        n = min(grid, manifest["settings"]["num_pairs"])
         pairs = data.PairDataset(outdir).get_batch(range(n))
-        path = save_image_grid(pair_grid(pairs["noise"], pairs["image"]), outdir / "pairs.png",
-                               nrow=2 * min(4, n))
+        try:
+            save_image_grid(pair_grid(pairs["noise"], pairs["image"]), path, nrow=2 * min(4, n))
+        except OSError as e:  # a preview only: a read-only data set stays usable
+            print(f"  {path} not written: {e.strerror or e}")
+            return
         print(f"  {n} pairs (noise | image) in {path}")
 
 
+# Bad input (a flag, a file, a folder): one line on stderr and exit status 1, no traceback. data.PairDataError is a
+# ValueError; crafted teacher files raise UnpicklingError.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+
 if __name__ == "__main__":
     cli = parse_args()
-    raise SystemExit(dist.launch(main, cli.nproc, cli))
+    try:
+        raise SystemExit(dist.launch(main, cli.nproc, cli, user_errors=USER_ERRORS))
+    except (*USER_ERRORS, dist.WorkerError) as e:
+        raise SystemExit(f"generate.py: error: {e}") from None

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from get.edm.sampler import check_sampler_settings
 from get.io import atomic_write_bytes, read_json, write_json
 from get.seeds import LABEL_POLICIES, format_seeds
 
@@ -68,7 +70,9 @@ def shard_seeds(seeds: Sequence[int], shard_size: int) -> list[list[int]]:
     if len(seeds) == 0:
         raise ValueError("the seed list is empty")
     if len(set(seeds)) != len(seeds):
-        raise ValueError("the seed list has duplicates: each seed must give one pair")
+        seen = set()
+        duplicate = next(s for s in seeds if s in seen or seen.add(s))
+        raise ValueError(f"the seed list has duplicates (seed {duplicate}): each seed must give one pair")
     return [list(seeds[i:i + shard_size]) for i in range(0, len(seeds), shard_size)]
 
 
@@ -111,6 +115,9 @@ class SamplerSettings:
     S_noise: float = 1.0
 
     NAME = "edm_heun"
+
+    def __post_init__(self):
+        check_sampler_settings(**asdict(self))  # ValueError naming the setting
 
     def kwargs(self) -> dict:
         """``edm_sampler(teacher, latents, labels, **settings.kwargs())``; ``S_max`` may be ``inf``."""
@@ -321,9 +328,14 @@ def record_shards(manifest: dict, records: Sequence[dict]) -> dict:
     return manifest
 
 
+# get.io.atomic_write_bytes's temporary names (".<final name>.<random>.tmp") for the files of a pair folder.
+_TEMP_NAME = re.compile(r"\.(shard-\d{5}\.safetensors|manifest\.json|pairs\.png)\.[A-Za-z0-9_]+\.tmp")
+
+
 def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
-    """Deletes temporary shard files a killed run left behind (only one job may write a folder at a time)."""
-    stale = sorted(Path(root).glob(".shard-*.safetensors.*.tmp"))
+    """Deletes the temporary files (shards, manifest, pairs.png) a killed run left behind in a pair folder; other
+    files are never touched. Only one job may write a folder at a time."""
+    stale = sorted(p for p in Path(root).iterdir() if _TEMP_NAME.fullmatch(p.name) and p.is_file())
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -358,6 +370,15 @@ def write_shard(root: str | os.PathLike, manifest: dict, index: int, tensors: di
         out[name] = t.detach().to("cpu", _DTYPES[spec[name]["dtype"]][2]).contiguous()
     if format_seeds(out["seed"].tolist()) != entry["seeds"]:
         raise ValueError(f"{entry['file']}: seeds {format_seeds(out['seed'].tolist())}, expected {entry['seeds']}")
+    for name, t in out.items():
+        # A data set never holds NaN or inf: a diverged sampler (or a float16 overflow) stops here, named by seed.
+        bad = ~torch.isfinite(t.reshape(len(t), -1)).all(1) if t.is_floating_point() else None  # (n,)
+        if bad is not None and bad.any():
+            seeds = out["seed"][bad].tolist()
+            shown = format_seeds(seeds[:32]) + (", ..." if len(seeds) > 32 else "")
+            beyond = " or beyond float16's range" if t.dtype == torch.float16 else ""
+            raise ValueError(f"{Path(root) / entry['file']}: tensor {name!r} is not finite (NaN or inf{beyond}) for "
+                             f"{len(seeds)} of {entry['count']} seeds: {shown}; nothing written")
     # One metadata key: safetensors writes its metadata map in arbitrary order, and shard bytes must be reproducible.
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "shard": index, "seeds": entry["seeds"],
             "settings_sha256": settings_fingerprint(settings)}

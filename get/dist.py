@@ -10,14 +10,26 @@ Every script calls `launch(main, args.nproc, args)` from its `__main__` block an
 - `torchrun --nproc-per-node N script.py`: joins that world; an `--nproc` that is not N is refused.
 
 Backend: nccl on CUDA, gloo on CPU. Rank, world size and local rank come from the environment torchrun sets.
+
+Workers started by `launch` end with their launcher (even one killed by SIGKILL), and a worker stopped by one of the
+script's `user_errors` (bad input) is reported once, as `WorkerError` with that error's message, instead of torch's
+failure dump.
 """
 
+import contextlib
+import ctypes
+import json
+import logging
 import os
+import signal
+import sys
+import threading
+import time
 import uuid
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 _device: torch.device | None = None
@@ -137,9 +149,69 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+class WorkerError(Exception):
+    """A worker started by :func:`launch` stopped on one of the ``user_errors``; the message is that error's."""
+
+
+_USER_ERROR = "get_user_error"  # marks the error files of workers stopped by a user error
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_launcher(launcher_pid: int) -> None:
+    while os.getppid() == launcher_pid:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _follow_launcher(launcher_pid: int) -> None:
+    """Ends this worker with SIGTERM when its launcher dies: the launcher's agent, which would stop it, may be gone
+    (SIGKILL), and an orphan worker would wait on its rendezvous or peers indefinitely."""
+    if sys.platform == "linux":
+        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(target=_watch_launcher, args=(launcher_pid,), daemon=True).start()
+    if os.getppid() != launcher_pid:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @record
-def _worker(main_fn, args):
-    return main_fn(args)
+def _worker(main_fn, args, launcher_pid, user_errors):
+    _follow_launcher(launcher_pid)
+    try:
+        return main_fn(args)
+    except user_errors as e:
+        # No traceback: the launcher raises WorkerError with this message (torch's agent reads the error file).
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if path:
+            with open(path, "w") as f:
+                json.dump({"message": str(e), "timestamp": int(time.time()), _USER_ERROR: True}, f)
+        raise SystemExit(1) from None
+
+
+@contextlib.contextmanager
+def _held_logs(names=("torch.distributed.elastic", "torch.multiprocessing")):
+    """Holds the launcher's log records (torch's agent logs every worker failure at length) in a list; the caller
+    replays them unless a user error explains the failure."""
+    held = []
+    handler = logging.Handler()
+    handler.emit = held.append
+    loggers = [logging.getLogger(name) for name in names]
+    propagate = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield held
+    finally:
+        for logger, value in zip(loggers, propagate):
+            logger.removeHandler(handler)
+            logger.propagate = value
+
+
+def _replay(records) -> None:
+    for rec in records:
+        logging.getLogger(rec.name).handle(rec)
 
 
 def _nested_rendezvous():
@@ -159,17 +231,22 @@ def _nested_rendezvous():
     return f"{host}:{port}", get_world_size(), store
 
 
-def launch(main_fn, nproc: int | None, args):
+def launch(main_fn, nproc: int | None, args, user_errors: tuple[type[BaseException], ...] = ()):
     """Runs `main_fn(args)` in every worker; returns this process's result, or that of local rank 0 when it spawned.
 
     Args:
         main_fn: a module-level function (workers are spawned and import it); it calls `init()` itself.
         nproc: local workers per node wanted (the script's --nproc), or None to take what the launcher gave.
         args: picklable arguments (an argparse.Namespace).
+        user_errors: exception types that mean bad input (the user's to fix). In spawned workers they end the worker
+            without a traceback, and this process raises WorkerError with the first one's message; as a single
+            process or under torchrun they propagate unchanged.
 
     Raises:
         ValueError: nproc < 1, or nproc conflicts with the number of local processes torchrun already started.
-        torch.distributed.elastic.multiprocessing.errors.ChildFailedError: a worker failed (the root cause is printed).
+        WorkerError: a spawned worker stopped on one of ``user_errors``.
+        torch.distributed.elastic.multiprocessing.errors.ChildFailedError: a worker failed otherwise (the root cause
+            is printed).
     """
     local_world = get_local_world_size()
     if nproc is not None and nproc < 1:
@@ -198,11 +275,24 @@ def launch(main_fn, nproc: int | None, args):
         max_restarts=0,
         start_method="spawn",
     )
+    logs, quiet = [], False
     try:
-        results = elastic_launch(config, _worker)(main_fn, args)  # {global rank: result} of this node's workers
+        with _held_logs() as logs:
+            try:
+                # {global rank: result} of this node's workers
+                results = elastic_launch(config, _worker)(main_fn, args, os.getpid(), tuple(user_errors))
+            except ChildFailedError as e:
+                causes = sorted((f.timestamp, rank, f.message) for rank, f in e.failures.items()
+                                if isinstance(f.error_file_data, dict) and f.error_file_data.get(_USER_ERROR))
+                if not causes:
+                    raise
+                quiet = True  # the user error explains the failure: the other workers were stopped because of it
+                raise WorkerError(causes[0][2]) from None
         if nested:  # node 0's store (alive until here) must outlive the other nodes' rendezvous shutdown
             tdist.barrier()
     finally:
+        if not quiet:
+            _replay(logs)
         if nested:
             tdist.destroy_process_group()
     return results[min(results)]

@@ -37,14 +37,15 @@ import numpy as np
 import torch
 
 __all__ = [
-    "LABEL_POLICIES", "Z0_STREAM", "parse_seeds", "format_seeds", "StackedRandomGenerator", "derived_seed",
+    "LABEL_POLICIES", "Z0_STREAM", "MAX_SEED", "parse_seeds", "format_seeds", "StackedRandomGenerator", "derived_seed",
     "rank_seed", "seed_all", "InputSpec", "SeedInputs", "draw_inputs",
 ]
 
 LABEL_POLICIES = ("random", "balanced")
 Z0_STREAM = 1  # z0 of seed s comes from the generator seeded with derived_seed(s, Z0_STREAM)
 
-_SEED_RANGE = re.compile(r"^(\d+)-(\d+)$")
+_SEED_ITEM = re.compile(r"(\d+)(?:-(\d+))?", re.ASCII)
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (the pair shards' "seed" tensor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,23 +62,26 @@ def parse_seeds(s: str) -> list[int]:
         The seeds in the order given (duplicates kept, as EDM does).
 
     Raises:
-        ValueError: on an empty item, a negative or malformed number, or a decreasing range.
+        ValueError: on an empty item, a negative, malformed or too large (> :data:`MAX_SEED`) number, or a decreasing
+            range; the message names the item.
     """
     if not isinstance(s, str) or not s.strip():
         raise ValueError(f"seeds: expected a string like '0-999,2000', got {s!r}")
     seeds: list[int] = []
     for item in s.split(","):
         item = item.strip()
-        m = _SEED_RANGE.match(item)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f"seeds: range {item!r} is decreasing")
-            seeds.extend(range(lo, hi + 1))
-        elif item.isdigit():
-            seeds.append(int(item))
-        else:
-            raise ValueError(f"seeds: cannot parse item {item!r} in {s!r} (expected N or N-M with N, M >= 0)")
+        m = _SEED_ITEM.fullmatch(item)
+        if m is None:
+            hint = "seeds must be >= 0" if re.fullmatch(r"-\d+(-\d+)?", item) else "expected N or N-M"
+            raise ValueError(f"seeds: cannot parse item {item!r} in {s!r} ({hint})")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi > MAX_SEED:
+            raise ValueError(f"seeds: {hi} in {item!r} exceeds the largest seed 2**63 - 1 = {MAX_SEED} "
+                             f"(seeds are stored as int64)")
+        if hi < lo:
+            raise ValueError(f"seeds: range {item!r} is decreasing")
+        seeds.extend(range(lo, hi + 1))
     return seeds
 
 

@@ -1,9 +1,12 @@
 """A tiny pair set written through get.data, for the training and sampling tests."""
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from get.data import PairSettings, new_manifest, record_shards, tensor_spec, write_manifest, write_shard
 
@@ -25,11 +28,17 @@ def make_pairs(root, n=32, channels=3, resolution=8, label_dim=0, shard_size=16,
         noise = torch.randn(len(shard_seeds), channels, resolution, resolution,
                             generator=torch.Generator().manual_seed(k + 1000 * salt))
         image = 0.5 * torch.tanh(noise.flip(-1))
-        bad = [i for i, s in enumerate(shard_seeds) if nan is True or (nan and s in nan)]
-        image[bad] = float("nan")
         tensors = dict(noise=noise, image=image, seed=torch.tensor(shard_seeds))
         if label_dim:
             tensors["label"] = torch.tensor(shard_seeds) % label_dim
         records.append(write_shard(root, manifest, k, tensors))
+        bad = [i for i, s in enumerate(shard_seeds) if nan is True or (nan and s in nan)]
+        if bad:  # a crafted shard: get.data never writes non-finite values, so NaN goes in after the writer
+            path = Path(root) / records[-1]["file"]
+            with safe_open(path, "pt") as f:
+                meta, crafted = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+            crafted["image"][bad] = float("nan")
+            save_file(crafted, path, metadata=meta)
+            records[-1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     write_manifest(root, record_shards(manifest, records))
     return Path(root)

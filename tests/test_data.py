@@ -197,3 +197,51 @@ def test_epoch_sampler_exact_resume():
         data.EpochSampler(n, 0, 2, seed=4).load_state_dict(states[0])
     with pytest.raises(ValueError, match="passes the epoch"):
         live[0].advance(100)
+
+
+def test_non_finite_values_are_never_written(tmp_path):
+    """The shard writer refuses NaN, inf and float16 overflow, naming the file and the seeds; nothing is written."""
+    manifest = make_folder(tmp_path, parse_seeds("0-9"), write=False)
+    tensors = shard_tensors(list(range(5)))
+    tensors["image"][[1, 3], 0, 2, 1] = torch.tensor([float("nan"), float("-inf")])
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors: tensor 'image' is not finite .* for 2 of 5 "
+                                         r"seeds: 1,3; nothing written"):
+        data.write_shard(tmp_path, manifest, 0, tensors)
+    tensors = shard_tensors(list(range(5, 10)))
+    tensors["noise"][4] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor 'noise' is not finite .* seeds: 9;"):
+        data.write_shard(tmp_path, manifest, 1, tensors)
+    half = make_folder(tmp_path / "half", parse_seeds("0-4"), image_dtype="float16", write=False)
+    tensors = shard_tensors(list(range(5)))
+    tensors["image"][2] = 1e5  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match=r"beyond float16's range\) for 1 of 5 seeds: 2;"):
+        data.write_shard(tmp_path / "half", half, 0, tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["manifest.json"]
+
+
+def test_only_our_stale_temporaries_are_removed(tmp_path):
+    ours = [".shard-00003.safetensors.k2j_9x0a.tmp", ".manifest.json.abcd1234.tmp", ".pairs.png.zz_00000.tmp"]
+    others = ["notes.tmp", ".manifest.json.tmp", ".shard-3.safetensors.abc.tmp", ".model.safetensors.abcd1234.tmp",
+              "manifest.json.abcd1234.tmp", ".pairs.png.abcd1234.tmp.bak"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    removed = data.remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+
+
+def test_sampler_settings_are_checked():
+    assert data.SamplerSettings(S_max=float("inf")).S_max == float("inf")
+    for kwargs, message in [(dict(S_churn=-1), "S_churn must be >= 0"), (dict(rho=0), "rho must be > 0"),
+                            (dict(rho=-7), "rho must be > 0"), (dict(sigma_min=-1), "sigma_min must be > 0"),
+                            (dict(S_noise=-0.5), "S_noise must be >= 0"), (dict(S_min=2, S_max=1), "S_min must be <="),
+                            (dict(num_steps=1), "num_steps must be an integer >= 2"),
+                            (dict(sigma_max=float("nan")), "sigma_max must be a number"),
+                            (dict(S_churn=float("inf")), "S_churn must be finite")]:
+        with pytest.raises(ValueError, match=message):
+            data.SamplerSettings(**kwargs)
+    bad = data.PairSettings(teacher={}, tensors=data.tensor_spec(C, R, 0)).to_dict()
+    bad["sampler"]["rho"] = -7.0  # a manifest with settings no sampler accepts
+    with pytest.raises(data.PairDataError, match="settings: rho must be > 0"):
+        data.PairSettings.from_dict(bad)

@@ -1,4 +1,5 @@
-"""get.dist: single-process behaviour, refusal of a conflicting --nproc, and collectives across spawned workers.
+"""get.dist: single-process behaviour, refusal of a conflicting --nproc, collectives across spawned workers, and a
+worker's user error reported in one line (other failures keep torch's report).
 
 The two-node torchrun case (c10d rendezvous on loopback, --nproc inside each node) runs in tests/test_generate.py.
 """
@@ -80,3 +81,33 @@ def test_spawned_workers(tmp_path):
         assert r["mean"] == 1.5 and r["tensor"] == [0.5, 5.0]
         assert r["gathered"] == [{"r": 0}, {"r": 1}] and r["from_last"] == "hello from 1"
     assert "RETURNED 100" in proc.stdout  # launch returns local rank 0's result
+
+
+FAILING = textwrap.dedent("""
+    import sys
+    from get import dist
+
+    def main(mode):
+        dist.init("cpu")
+        if dist.get_rank() == 1:
+            raise (ValueError if mode == "user" else RuntimeError)(f"{mode} error on rank 1")
+        dist.barrier()  # rank 0 waits for rank 1, which never comes: the launcher stops it
+        return 0
+
+    if __name__ == "__main__":
+        try:
+            dist.launch(main, 2, sys.argv[1], user_errors=(ValueError,))
+        except dist.WorkerError as e:
+            sys.exit(f"error: {e}")
+""")
+
+
+def test_worker_errors(tmp_path):
+    """A user error in one worker is one line from the launching process; any other failure keeps torch's report."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    user = subprocess.run([sys.executable, str(script), "user"], capture_output=True, text=True, timeout=300)
+    assert user.returncode == 1 and user.stderr.splitlines() == ["error: user error on rank 1"], user.stderr[-3000:]
+    bug = subprocess.run([sys.executable, str(script), "bug"], capture_output=True, text=True, timeout=300)
+    assert bug.returncode == 1 and "ChildFailedError" in bug.stderr and "Traceback" in bug.stderr
+    assert "RuntimeError: bug error on rank 1" in bug.stderr

@@ -1,9 +1,11 @@
 """EDM sampler: Karras steps, Heun accuracy against exact and fine-step solutions, per-seed stochastic noise."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from get.edm.sampler import edm_sampler, edm_time_steps
+from get.edm.sampler import check_sampler_settings, edm_sampler, edm_time_steps, sampler_sigma_range
 from get.mixture import MixtureTeacher
 from get.seeds import StackedRandomGenerator, draw_inputs
 
@@ -120,3 +122,25 @@ def test_int_labels_are_one_hot_for_the_net():
     assert resp.argmax(1).tolist() == [0, 2, 1]  # one component per class: samples land in their class
     with pytest.raises(ValueError, match="class_labels"):
         edm_sampler(teacher, latents, torch.tensor([0, 3, 1]), num_steps=4)
+
+
+def test_settings_are_checked_before_sampling():
+    teacher = MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1)
+    latents = torch.randn(2, 1, 4, 4)
+    for kwargs, message in [(dict(S_churn=-1), "S_churn must be >= 0, got -1"), (dict(rho=0), "rho must be > 0"),
+                            (dict(rho=-7), "rho must be > 0, got -7"), (dict(sigma_min=-1), "sigma_min must be > 0"),
+                            (dict(S_noise=-1), "S_noise must be >= 0"), (dict(S_min=3, S_max=2), "S_min must be <="),
+                            (dict(num_steps=1), "num_steps must be an integer >= 2"),
+                            (dict(S_min=float("nan")), "S_min must be a number")]:
+        with pytest.raises(ValueError, match=message):
+            edm_sampler(teacher, latents, **kwargs)
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        edm_time_steps(18, rho=0)
+    with pytest.raises(ValueError, match="--S-churn must be >= 0"):
+        check_sampler_settings(S_churn=-1, names={"S_churn": "--S-churn"})
+    # The interval left inside the teacher's range is named with the values given and that range.
+    vp_like = SimpleNamespace(sigma_min=0.001, sigma_max=152.0)
+    assert sampler_sigma_range(vp_like, 0.002, 500.0) == (0.002, 152.0)
+    with pytest.raises(ValueError, match=r"sigma_min 200.0 and sigma_max 300.0 leave no interval inside the "
+                                         r"teacher's noise range \[0.001, 152.0\]"):
+        sampler_sigma_range(vp_like, 200.0, 300.0)

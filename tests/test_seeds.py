@@ -65,3 +65,12 @@ def test_z0_is_per_seed_and_independent_of_the_label_policy():
 def test_cuda_generators_without_cuda_are_a_clear_error():
     with pytest.raises(ValueError, match="CUDA generators"):
         draw_inputs([0], MixtureTeacher(resolution=4, channels=1, num_components=2, rank=1), rng_device="cuda")
+
+
+def test_seeds_out_of_range_are_named():
+    assert parse_seeds(f"{2**63 - 1}") == [2**63 - 1]
+    for bad, message in [(str(2**64), f"{2**64} in '{2**64}' exceeds the largest seed"),
+                         (f"5-{2**63}", f"{2**63} in '5-{2**63}' exceeds"), ("-1", "'-1'.*seeds must be >= 0"),
+                         ("3,-2-4", "'-2-4'.*seeds must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            parse_seeds(bad)

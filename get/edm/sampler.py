@@ -5,23 +5,66 @@ The sampler's inputs for a list of seeds (latents, labels, per-seed noise for th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["edm_time_steps", "edm_sampler"]
+__all__ = ["check_sampler_settings", "sampler_sigma_range", "edm_time_steps", "edm_sampler"]
+
+
+def check_sampler_settings(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                           S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0,
+                           names: Mapping[str, str] | None = None) -> None:
+    """Raises ValueError naming the first sampler setting outside its domain, with the value given.
+
+    Each setting is named by ``names[keyword]`` when given (a script passes its command-line flags), else by its
+    keyword. Bad values would otherwise divide by zero (``rho = 0``), take the square root of a negative number
+    (``S_churn < 0``) or silently give another schedule (``rho < 0``, NaN).
+    """
+    name = lambda key: (names or {}).get(key, key)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
+        raise ValueError(f"{name('num_steps')} must be an integer >= 2, got {num_steps!r}")
+    values = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                  S_noise=S_noise)
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ValueError(f"{name(key)} must be a number, got {value!r}")
+        if math.isinf(value) and not (key == "S_max" and value > 0):  # S_max = inf: churn at every level
+            raise ValueError(f"{name(key)} must be finite, got {value!r}")
+    if not sigma_min > 0:
+        raise ValueError(f"{name('sigma_min')} must be > 0, got {sigma_min!r}")
+    if not sigma_max > sigma_min:
+        raise ValueError(f"{name('sigma_max')} must be > {name('sigma_min')}, got {sigma_max!r} <= {sigma_min!r}")
+    if not rho > 0:
+        raise ValueError(f"{name('rho')} must be > 0, got {rho!r}")
+    for key in ("S_churn", "S_min", "S_noise"):
+        if values[key] < 0:
+            raise ValueError(f"{name(key)} must be >= 0, got {values[key]!r}")
+    if S_min > S_max:
+        raise ValueError(f"{name('S_min')} must be <= {name('S_max')}, got {S_min!r} > {S_max!r}")
+
+
+def sampler_sigma_range(net, sigma_min: float, sigma_max: float,
+                        names: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """(sigma_min, sigma_max) clipped to the teacher's noise range; ValueError, naming the values given and the
+    teacher's range, when nothing of the interval is left."""
+    lo, hi = max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
+    if not lo < hi:
+        name = lambda key: (names or {}).get(key, key)
+        raise ValueError(f"{name('sigma_min')} {sigma_min!r} and {name('sigma_max')} {sigma_max!r} leave no interval "
+                         f"inside the teacher's noise range [{float(net.sigma_min)!r}, {float(net.sigma_max)!r}]")
+    return lo, hi
 
 
 def edm_time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                    round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Karras et al. time steps t_0 = sigma_max > ... > t_{N-1} = sigma_min, then t_N = 0 (float64, shape (N+1,))."""
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    check_sampler_settings(num_steps, sigma_min, sigma_max, rho)
     step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
     t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1)
                * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -58,12 +101,13 @@ def edm_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = 
             It is called at every step even when the churn is zero (as in EDM), so per-seed streams stay aligned.
         num_steps: N; sigma_min, sigma_max, rho: the Karras schedule (sigma_min/max clipped to the net's range).
         S_churn, S_min, S_max, S_noise: stochasticity (EDM Algorithm 2).
+        All settings are checked first (:func:`check_sampler_settings`, :func:`sampler_sigma_range`).
 
     Returns:
         (B, C, R, R) float64 images, unclipped.
     """
-    sigma_min = max(sigma_min, float(net.sigma_min))
-    sigma_max = min(sigma_max, float(net.sigma_max))
+    check_sampler_settings(num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise)
+    sigma_min, sigma_max = sampler_sigma_range(net, sigma_min, sigma_max)
     class_labels = _as_one_hot(class_labels, int(getattr(net, "label_dim", 0)))
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net.round_sigma, latents.device)  # (N+1,)
 
