@@ -252,6 +252,12 @@ def test_user_errors_end_with_one_line(tmp_path):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"train_get.py: error: --data: {tmp_path / 'missing' / 'manifest.json'}")
     assert not (tmp_path / "run").exists()
+    # The same error raised in the workers --nproc spawns is reported once, not in the elastic launcher's dump.
+    result = subprocess.run(cmd + ["--nproc", "2"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"train_get.py: error: --data: {tmp_path / 'missing' / 'manifest.json'}")
 
 
 def test_sample_refuses_non_finite_pairs_and_bad_options(tmp_path, capsys):

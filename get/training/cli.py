@@ -115,12 +115,12 @@ def blame(what: str):
 
 def run_script(main: Callable, parse_args: Callable) -> None:
     """A script's entry point: parse, run on --nproc processes (get.dist.launch), and end a UserError with one line
-    on stderr and exit status 1 (GET_TRACEBACK=1 shows the traceback instead, for debugging). Workers that --nproc
-    spawned report their errors through the launcher."""
+    on stderr and exit status 1 (GET_TRACEBACK=1 shows the traceback instead, for debugging). A UserError in a
+    worker that --nproc spawned comes back as dist.WorkerError with its message, printed once the same way."""
     args = parse_args()
     try:
-        dist.launch(main, args.nproc, args)
-    except UserError as e:
+        dist.launch(main, args.nproc, args, user_errors=(UserError,))
+    except (UserError, dist.WorkerError) as e:
         if os.environ.get("GET_TRACEBACK") == "1":
             raise
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
