@@ -248,8 +248,7 @@ def main(args):
     options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
                    per_rank_batch=per_rank, settings=settings.to_dict(), fake_warmup_resolved=fake_warmup,
                    fake_score_resolved=fake_kind, real_resolved=None if real is None else type(real).__name__,
-                   teacher_identity={k: v for k, v in teacher.identity().items()
-                                                                 if k != "config"},
+                   teacher_identity={k: v for k, v in teacher.identity().items() if k != "config"},
                    model_config=model.config, fake_config=critic.fake.config,
                    dataset=dict(identity, resolution=ds.resolution, channels=ds.channels,
                                 label_dim=ds.label_dim))
