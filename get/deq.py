@@ -3,7 +3,9 @@
 Training follows the paper (docs/GET.md): ``f_max_iter = 0`` gradient-free iterations, then ``grad = 6`` unrolled,
 gradient-tracked steps z_k = f(z_{k-1}) from z_0, all six states returned for the fixed-point-correction loss.
 Evaluation (§6.3) runs ``eval_f_max_iter = 6`` fixed-point iterations and keeps, per sample, the iterate with the
-lowest step residual ‖z_k − z_{k−1}‖ (strict "<", ties keep the earlier iterate), as torchdeq does.
+lowest step residual ‖z_k − z_{k−1}‖ (strict "<", ties keep the earlier iterate), as torchdeq does; the option
+``eval_select="last"`` returns the last iterate instead, which is what a generator trained on ``trajectory()[-1]``
+(DMD / DMD2, train/train_dmd.py) was trained to produce.
 
 torchdeq ignores unknown configuration keys silently (torchdeq issue #12), so every option is validated here.
 """
@@ -18,6 +20,7 @@ from torchdeq import get_deq
 
 SOLVERS = ("fixed_point_iter", "anderson", "broyden")
 STOP_MODES = ("abs", "rel")
+EVAL_SELECTS = ("lowest", "last")
 
 # The paper's values (official run.sh / eval.sh resolved through torchdeq, docs/GET.md).
 DEQ_DEFAULTS = dict(
@@ -35,6 +38,7 @@ DEQ_DEFAULTS = dict(
     mem=False,  # gradient checkpointing of each equilibrium block
     sync_free=True,  # no host synchronisation: evaluation without the early exit (identical unless it would fire),
     # training without torchdeq's bookkeeping when f_max_iter = 0 (identical)
+    eval_select="lowest",  # evaluation's iterate per sample: the lowest-residual one (paper), or the "last"
 )
 
 
@@ -62,6 +66,11 @@ def validate_deq_options(options: dict | None = None, **overrides) -> dict:
             raise ValueError(f"unknown DEQ solver {key}={merged[key]!r}; choose one of {SOLVERS}")
     if merged["f_stop_mode"] not in STOP_MODES:
         raise ValueError(f"f_stop_mode must be one of {STOP_MODES}, got {merged['f_stop_mode']!r}")
+    if merged["eval_select"] not in EVAL_SELECTS:
+        raise ValueError(f"DEQ option eval_select must be one of {EVAL_SELECTS}, got {merged['eval_select']!r}")
+    if merged["eval_select"] == "last" and merged["f_solver"] != "fixed_point_iter":
+        raise ValueError(f"DEQ option eval_select='last' needs f_solver='fixed_point_iter' (the iterates of "
+                         f"{merged['f_solver']!r} are not the training path's), got {merged['f_solver']!r}")
     for key in ("f_max_iter", "eval_f_max_iter", "b_max_iter", "grad"):
         value = merged[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -92,7 +101,8 @@ def _residuals(z_new: torch.Tensor, z_old: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def fixed_point_iter_sync_free(
-    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, max_iter: int, tau: float = 1.0, stop_mode="abs"
+    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, max_iter: int, tau: float = 1.0, stop_mode="abs",
+    select: str = "lowest",
 ) -> tuple[torch.Tensor, dict]:
     """Fixed-point iteration with torchdeq's per-sample lowest-residual selection and no early exit.
 
@@ -106,10 +116,12 @@ def fixed_point_iter_sync_free(
         max_iter: number of iterations K.
         tau: damping, z ← tau·f(z) + (1 − tau)·z.
         stop_mode: 'abs' or 'rel': which residual selects the iterate.
+        select: 'lowest' (the lowest-residual iterate per sample) or 'last' (z_K for every sample).
 
     Returns:
         z_star: (B, ...) the selected iterate; info: dict with ``abs_trace``/``rel_trace`` (B, K),
-        ``abs_lowest``/``rel_lowest`` (B,) and ``nstep`` (B,), the 1-based index of the selected iterate.
+        ``abs_lowest``/``rel_lowest`` (B,), the lowest residuals, and ``nstep`` (B,), the 1-based index of the
+        selected iterate.
     """
     z = z0
     z_star = z0
@@ -138,6 +150,8 @@ def fixed_point_iter_sync_free(
         rel_lowest=rel_trace.gather(1, pick).squeeze(1),
         nstep=nstep,
     )
+    if select == "last":
+        z_star, info["nstep"] = z, torch.full_like(nstep, max_iter)
     return z_star, info
 
 
@@ -222,12 +236,13 @@ class EquilibriumSolver:
     def solve(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Evaluation path: ``eval_f_max_iter`` solver iterations without gradient.
 
-        With ``f_solver='fixed_point_iter'`` and ``sync_free`` (default) this is
-        :func:`fixed_point_iter_sync_free`; otherwise torchdeq's solver (with its early exit).
+        With ``f_solver='fixed_point_iter'`` and ``sync_free`` (default), or ``eval_select='last'`` (which has no
+        early exit), this is :func:`fixed_point_iter_sync_free`; otherwise torchdeq's solver (with its early exit).
         """
         o = self.options
-        if o["f_solver"] == "fixed_point_iter" and o["sync_free"]:
-            return fixed_point_iter_sync_free(f, z0, o["eval_f_max_iter"], tau=1.0, stop_mode=o["f_stop_mode"])
+        if o["f_solver"] == "fixed_point_iter" and (o["sync_free"] or o["eval_select"] == "last"):
+            return fixed_point_iter_sync_free(f, z0, o["eval_f_max_iter"], tau=1.0, stop_mode=o["f_stop_mode"],
+                                              select=o["eval_select"])
         self._deq_eval.eval()
         (z_star,), info = self._deq_eval(f, z0)
         info = {k: v for k, v in info.items() if k != "sradius"}

@@ -403,6 +403,12 @@ class GET(_PatchTransformer):
             noise_cond=self.noise_cond,
         )
 
+    def set_deq_options(self, **changes) -> None:
+        """Changes DEQ options in place (validated as at construction; saved with the config), e.g.
+        ``model.set_deq_options(eval_select="last")`` for a generator distilled on ``trajectory()[-1]``."""
+        self.deq_options = validate_deq_options(self.deq_options, **changes)
+        self.solver = EquilibriumSolver(**self.deq_options)
+
     @property
     def num_states(self) -> int:
         """How many decoded states ``trajectory`` returns (the ``grad`` tracked steps)."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -394,11 +395,16 @@ def _run_dmd(train_dmd, *argv):
     return train_dmd.main(train_dmd.parse_args([*argv, "--device", "cpu", "--log-every", "1", "--grid-seeds", "0-3"]))
 
 
-def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path):
+def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path, capsys):
+    """DMD2 with real images from a .npz (and their labels): exact resume, the real stream in the checkpoint, the
+    default warm-up recorded, the saved GET returning its trained (last) iterate; an EDM teacher needs --real."""
     train_dmd, _ = scripts
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "real.npz", arr_0=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8),
+             labels=rng.integers(0, 2, 10))
     common = ["--method", "dmd2", "--data", str(edm_pairs / "pairs"), "--teacher", str(edm_pairs / "teacher"),
               "--model", "GET-XXS/2", "--bs", "4", "--ttur", "2", "--ckpt-every", "2", "--sample-every", "2",
-              "--eval-every", "0", "--lr", "1e-3"]
+              "--eval-every", "0", "--lr", "1e-3", "--real", str(tmp_path / "real.npz")]
     _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "full"), "--steps", "4")
     _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "part"), "--steps", "2")
     _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "part"), "--steps", "4", "--resume")
@@ -415,8 +421,14 @@ def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path):
     start = GET_models["GET-XXS/2"](input_size=8, num_classes=2)
     trained = GET.from_pretrained(ckpt_a)  # the checkpoint folder loads as a GET
     assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values()))
+    assert trained.config["deq"]["eval_select"] == "last"  # sample.py / from_pretrained return the trained iterate
     meta = json.loads((ckpt_a / "checkpoint.json").read_text())
     assert meta["modules"]["fake"]["kwargs"]["dropout"] == 0.0 and meta["optimizers"] == ["critic", "generator"]
+    # 4 iterations of 4 images from 10 real ones (8 per epoch): epoch 1, position 8.
+    assert meta["state"]["real"]["kind"] == "NpzImages" and meta["state"]["real"]["sampler"]["epoch"] == 1
+    options = json.loads((tmp_path / "full/options.json").read_text())
+    assert options["warmup"] == 500 and options["real_resolved"] == "NpzImages"
+    assert [r["lr"] for r in read_stats(tmp_path / "full")] == pytest.approx([1e-3 / 500] * 2 + [2e-3 / 500] * 2)
     assert (tmp_path / "full/samples/0000004.png").is_file()
     # --init-fake: a new run starts its fake score and head from a checkpoint (with lr 0 they stay exactly so).
     _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "init"), "--steps", "1", "--init-fake", str(ckpt_a),
@@ -427,6 +439,15 @@ def test_train_dmd2_resume_is_exact(edm_pairs, scripts, tmp_path):
         assert all(torch.equal(ta[k], tb[k]) for k in ta), name
     with pytest.raises(UserError, match="--resume"):
         _run_dmd(train_dmd, *common, "--outdir", str(tmp_path / "full"), "--steps", "6")
+    no_real = common[:-2]
+    with pytest.raises(UserError, match=r"^--real: teacher .* has no exact sampler.*--real pairs"):
+        _run_dmd(train_dmd, *no_real, "--outdir", str(tmp_path / "none"), "--steps", "1")
+    capsys.readouterr()
+    _run_dmd(train_dmd, *no_real, "--outdir", str(tmp_path / "pairs"), "--steps", "1", "--real", "pairs")
+    assert "Warning: --real pairs" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"^--real {tmp_path / 'missing.npz'}: real data"):
+        _run_dmd(train_dmd, *no_real, "--outdir", str(tmp_path / "bad"), "--steps", "1", "--real",
+                 str(tmp_path / "missing.npz"))
 
 
 def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
@@ -450,6 +471,14 @@ def test_train_dmd_on_the_analytic_teacher(tmp_path, scripts):
     assert "loss_dm" not in train[0] and "loss_reg" in train[1] and "loss_reg" in train[2]  # warm-up, then G
     options = json.loads((tmp_path / "run/options.json").read_text())
     assert options["fake_score_resolved"] == "scratch" and options["settings"]["reg_weight"] == 0.25
+    assert options["warmup"] == 0 and options["reg_loss"] == "l1" and options["real_resolved"] is None
+    assert GET.from_pretrained(tmp_path / "run/checkpoints/0000003").config["deq"]["eval_select"] == "last"
+    # DMD2's real data defaults to the analytic teacher's exact samples, labels and all.
+    _run_dmd(train_dmd, "--method", "dmd2", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
+             "--outdir", str(tmp_path / "run2"), "--bs", "4", "--steps", "1", "--fake-warmup", "0", "--ttur", "1",
+             "--fake-channels", "8", "--eval-every", "0", "--sample-every", "1", "--ckpt-every", "1")
+    meta = json.loads((tmp_path / "run2/checkpoints/0000001/checkpoint.json").read_text())
+    assert meta["state"]["real"] == {"kind": "TeacherSamples", "seed": 42, "rank": 0, "batches": 1}
     with pytest.raises(UserError, match="not those of the teacher"):
         _run_dmd(train_dmd, "--method", "dmd", "--data", str(pairs), "--generator", str(tmp_path / "gen"),
                  "--teacher", "mixture", "--outdir", str(tmp_path / "bad"), "--steps", "1", "--bs", "4")
@@ -473,6 +502,11 @@ def test_regression_loss_defaults_to_lpips_and_names_missing_weights(tmp_path, m
     # Asked for by name, L1 works without any weights.
     x, y = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     assert dmd.regression_loss("l1")(x, y).item() == pytest.approx(0.5)
+    # train_dmd.py: LPIPS by default, a missing file is the one-line error naming it and the flags.
+    train_dmd = _load_script("train_dmd", REPO / "train" / "train_dmd.py")
+    with pytest.raises(UserError, match=f"weights are missing: .*{vgg}.*--lpips-vgg"):
+        train_dmd.build_regression(train_dmd.parse_args(["--method", "dmd", "--data", "d", "--model", "GET-XXS/2",
+                                                         "--lpips-vgg", vgg, "--lpips-lin", lin]), 3, "cpu")
     # With the files present, LPIPS it is.
     _, _, vgg, lin = _write_lpips_files(tmp_path)
     lpips = dmd.regression_loss(vgg_path=vgg, lin_path=lin)
@@ -487,6 +521,7 @@ def test_train_dmd_guards_each_update_on_its_own(edm_pairs, scripts, tmp_path):
     nan_pairs = make_pairs(tmp_path / "nan", n=8, label_dim=2, nan=True)
     common = ["--data", str(nan_pairs), "--teacher", str(edm_pairs / "teacher"), "--model", "GET-XXS/2",
               "--bs", "4", "--eval-every", "0", "--sample-every", "100", "--ckpt-every", "2"]
+    dmd2 = ["--method", "dmd2", "--ttur", "2", "--real", "pairs"]  # the NaN pair images as DMD2's real data
     with pytest.raises(TrainingDivergedError, match="2 non-finite generator updates in a row"):
         _run_dmd(train_dmd, *common, "--method", "dmd", "--reg-loss", "l1", "--outdir", str(tmp_path / "dmd"),
                  "--steps", "6", "--max-nonfinite", "2")
@@ -494,7 +529,7 @@ def test_train_dmd_guards_each_update_on_its_own(edm_pairs, scripts, tmp_path):
     assert [(r["skipped_g"], r["skipped_c"], "loss_dm" in r, "loss_fake" in r) for r in stats] == [(1, 0, False, True)]
 
     run = tmp_path / "dmd2"
-    _run_dmd(train_dmd, *common, "--method", "dmd2", "--ttur", "2", "--outdir", str(run), "--steps", "2",
+    _run_dmd(train_dmd, *common, *dmd2, "--outdir", str(run), "--steps", "2",
              "--max-nonfinite", "3")
     stats = read_stats(run)
     assert [(r["skipped_g"], r["skipped_c"], "loss_dm" in r, "loss_fake" in r) for r in stats] == [
@@ -504,10 +539,10 @@ def test_train_dmd_guards_each_update_on_its_own(edm_pairs, scripts, tmp_path):
     # Another pair set of the same shape: refused unless --allow-data-change, before anything is written.
     with pytest.raises(UserError, match=f"^--data {edm_pairs / 'pairs'}: not the pair set the checkpoint"):
         _run_dmd(train_dmd, *[a if a != str(nan_pairs) else str(edm_pairs / "pairs") for a in common],
-                 "--method", "dmd2", "--ttur", "2", "--outdir", str(run), "--steps", "4", "--resume")
+                 *dmd2, "--outdir", str(run), "--steps", "4", "--resume")
     assert not (run / "options-resume-0000002.json").exists()
     with pytest.raises(TrainingDivergedError, match="3 non-finite critic updates in a row \\(the last at step 3"):
-        _run_dmd(train_dmd, *common, "--method", "dmd2", "--ttur", "2", "--outdir", str(run), "--steps", "4",
+        _run_dmd(train_dmd, *common, *dmd2, "--outdir", str(run), "--steps", "4",
                  "--max-nonfinite", "3", "--resume")
 
 
@@ -521,6 +556,8 @@ def test_train_dmd_guards_each_update_on_its_own(edm_pairs, scripts, tmp_path):
     (["--eval-seeds", "5-2"], "--eval-seeds '5-2': seeds: range '5-2' is decreasing"),
     (["--grid-seeds", ""], "--grid-seeds ''"),
     (["--fid-ref", "missing.npz"], "--fid-ref missing.npz: no such file"),
+    (["--real", "pairs"], "--real pairs: only DMD2's discriminator reads real data"),
+    (["--reg-loss", "auto"], "argument --reg-loss: invalid choice: 'auto'"),
 ])
 def test_train_dmd_options_are_checked_naming_the_flag(scripts, argv, message, capsys):
     train_dmd, _ = scripts
@@ -528,3 +565,15 @@ def test_train_dmd_options_are_checked_naming_the_flag(scripts, argv, message, c
         train_dmd.parse_args(["--method", "dmd", "--data", "d", "--model", "GET-XXS/2", *argv])
     assert capsys.readouterr().err.splitlines()[-1].split(": error: ")[1].startswith(message)
     assert train_dmd.fake_channels_ok(8) and train_dmd.fake_channels_ok(128) and not train_dmd.fake_channels_ok(132)
+
+
+def test_iterate_choice_bench_measures_both_iterates(tmp_path):
+    """bench/iterate_choice.py (the measurement in docs/DISTILL.md): shares of the selected iterate and the exact
+    metrics of the selected and the last iterate, on a tiny fresh GET of the analytic teacher's shape."""
+    bench = _load_script("iterate_choice", REPO / "bench" / "iterate_choice.py")
+    torch.manual_seed(0)
+    GET_models["GET-XXS/2"](input_size=16).save_pretrained(tmp_path / "gen")
+    result = bench.main([str(tmp_path / "gen"), "--seeds", "0-99", "--eval-ref", "100"])
+    shares = result["nstep_shares"]
+    assert list(shares) == [1, 2, 3, 4, 5, 6] and sum(shares.values()) == pytest.approx(1.0)
+    assert set(result["selected"]) == set(result["last"]) == set(bench.METRICS)

@@ -560,6 +560,32 @@ def test_deq_options_validated():
     with pytest.raises(ValueError, match="non-negative integer"):
         validate_deq_options(f_max_iter=-1)
     assert validate_deq_options()["grad"] == 6 and validate_deq_options()["eval_f_max_iter"] == 6
+    with pytest.raises(ValueError, match="eval_select must be one of"):
+        validate_deq_options(eval_select="first")
+    with pytest.raises(ValueError, match="eval_select='last' needs f_solver='fixed_point_iter'"):
+        validate_deq_options(eval_select="last", f_solver="anderson")
+
+
+def test_eval_select_last_returns_the_trained_iterate(tmp_path):
+    """eval_select='last': forward is trajectory()[-1] bit for bit (the iterate DMD trains), nstep is K for every
+    sample; the option survives save_pretrained / from_pretrained; the default still selects per sample."""
+    model = _tiny().eval()
+    x, z0 = torch.randn(4, 3, 8, 8), torch.randn(4, 16, 64)
+    with torch.no_grad():
+        last = model.trajectory(x, z0=z0)[-1]
+        lowest, info = model(x, z0=z0, return_info=True)
+        model.set_deq_options(eval_select="last")
+        out, info_last = model(x, z0=z0, return_info=True)
+    assert torch.equal(out, last) and info_last["nstep"].tolist() == [6] * 4
+    picked_last = info["nstep"] == 6  # the default differs exactly where it picked an earlier iterate
+    assert torch.equal(lowest[picked_last], last[picked_last])
+    model.save_pretrained(tmp_path / "m")
+    loaded = GET.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config["deq"]["eval_select"] == "last"
+    with torch.no_grad():
+        assert torch.equal(loaded(x, z0=z0), last)
+    with pytest.raises(ValueError, match="eval_select must be one of"):
+        model.set_deq_options(eval_select="best")
 
 
 def test_non_finite_state_raises():

@@ -12,13 +12,18 @@ DDPM++ network (get.distill.dmd.small_fake_score) that is first warmed up for --
 score matching on G's samples before G starts to move. DMD2 adds a GAN head on the fake network's bottleneck.
 
 Each iteration: when it is G's turn (DMD every iteration, DMD2 every --ttur-th after the warm-up), one G update on
-the distribution-matching loss plus DMD's regression on a pair batch (--reg-loss, weight 0.25) or DMD2's GAN term;
-then one critic update (EDM-weighted denoising of G's samples, plus DMD2's discriminator loss with the pair images as
-the real data). Defaults: the papers' AdamW (lr 5e-5, weight decay 0.01, betas (0.9, 0.999)) for both optimisers,
-gradient clipping at 10, global batch 392 (DMD's CIFAR-10 batch), no EMA (as DMD2). The global batch is --bs on any
-number of ranks. Metrics every --eval-every steps: the exact metrics of the analytic teacher (get.metrics.
-MixtureEvaluator: Fréchet distance to the true distribution in pixel and feature space, ...), or FID against
---fid-ref statistics for EDM teachers.
+the distribution-matching loss plus DMD's regression on a pair batch (--reg-loss, LPIPS, weight 0.25) or DMD2's GAN
+term; then one critic update (EDM-weighted denoising of G's samples, plus DMD2's discriminator loss on real images,
+--real: the analytic teacher's exact samples by default; for EDM teachers a data set, or the pairs' teacher images
+only when asked for with --real pairs, which caps the student at the teacher's ODE). Defaults: the papers' AdamW
+(lr 5e-5, weight decay 0.01, betas (0.9, 0.999)) for both optimisers, DMD2's linear learning-rate warm-up over each
+optimiser's first 500 updates (none for DMD), gradient clipping at 10, global batch 392 (DMD's CIFAR-10 batch), no
+EMA (as DMD2). The global batch is --bs on any number of ranks. Metrics every --eval-every steps: the exact metrics
+of the analytic teacher (get.metrics.MixtureEvaluator: Fréchet distance to the true distribution in pixel and
+feature space, ...), or FID against --fid-ref statistics for EDM teachers.
+
+G is trained on its last fixed-point iterate (trajectory()[-1]), so the GET it trains, evaluates and saves returns
+that iterate at evaluation too (DEQ option eval_select="last", saved in its config; docs/DISTILL.md).
 """
 
 import argparse
@@ -32,8 +37,9 @@ from tqdm import tqdm
 from get import dist
 from get.data import EpochSampler, PairDataset, PairSettings, micro_batches
 from get.distill import dmd
+from get.distill.real_data import default_real_spec, make_real_source
 from get.images import save_image_grid, to_uint8
-from get.losses import LOSSES, get_loss_fn, lpips_weight_paths
+from get.losses import LOSSES
 from get.metrics import MixtureEvaluator, fid
 from get.models import GET, GET_models, count_parameters, create_model
 from get.seeds import derived_seed, draw_inputs, parse_seeds, rank_seed, seed_all
@@ -91,6 +97,13 @@ def build_generator(args, ds, device):
     have = {k: model.config[k] for k in want}
     if have != want:
         raise UserError(f"--generator {args.generator}: the GET has {have}, the pairs need {want}")
+    o = model.deq_options
+    if o["f_max_iter"] or o["ift"] or o["tau"] != 1.0:
+        raise UserError(f"--generator {args.generator}: DEQ options f_max_iter={o['f_max_iter']}, ift={o['ift']}, "
+                        f"tau={o['tau']}; DMD trains the plain {o['grad']}-step path (f_max_iter=0, ift=False, tau=1)")
+    # G learns trajectory()[-1]; evaluation, samples and the saved config must return that iterate, not torchdeq's
+    # lowest-residual one (which on distilled GETs is mostly an earlier, untrained iterate; docs/DISTILL.md).
+    model.set_deq_options(eval_select="last", eval_f_max_iter=o["grad"])
     model = model.to(device)
     model.check_finite = False  # the loop checks finiteness itself, on every rank alike
     ema = None
@@ -144,14 +157,40 @@ def evaluate(model, args, teacher, settings: PairSettings, device, sigmas, evalu
     return {"fid": fid(to_uint8(samples), args.fid_ref, mode=args.fid_mode, device=device)}
 
 
-def regression_loss_fn(args, channels, device):
-    """DMD's regression loss: LPIPS when its weights are present (--reg-loss auto), else L1."""
-    name = args.reg_loss
-    if name == "auto":
-        have_lpips = channels == 3 and all(Path(p).is_file() for p in lpips_weight_paths())
-        name = "lpips" if have_lpips else "l1"
-    fn = get_loss_fn(name)
-    return (fn.to(device) if isinstance(fn, torch.nn.Module) else fn), name
+def build_regression(args, channels, device):
+    """DMD's regression loss (--reg-loss, LPIPS by default); missing LPIPS weights are a one-line error."""
+    try:
+        fn = dmd.regression_loss(args.reg_loss, channels, args.lpips_vgg, args.lpips_lin)
+    except (FileNotFoundError, ValueError) as e:  # the messages name the flags and files
+        raise UserError(str(e)) from e
+    return fn.to(device) if isinstance(fn, torch.nn.Module) else fn
+
+
+def build_real_source(args, ds, teacher, rank, world):
+    """DMD2's real images (--real): the analytic teacher's exact samples by default; an EDM teacher needs a data set,
+    or --real pairs (the pairs' teacher images: the discriminator then pulls G towards the teacher's ODE outputs)."""
+    spec = args.real
+    if spec is None:
+        if default_real_spec(teacher) != "teacher":
+            raise UserError(f"--real: teacher {teacher.name} has no exact sampler; DMD2's discriminator needs real "
+                            f"images: pass --real DATA (a .npz, a folder of PNGs, or CIFAR-10's cifar-10-batches-bin "
+                            f"folder), or --real pairs to use the pairs' teacher images")
+        spec = "teacher"
+    if spec == "pairs":
+        dist.print0("Warning: --real pairs: DMD2's discriminator sees the teacher's own ODE samples as real data, "
+                    "which caps the student at the teacher's ODE; pass real data to go beyond it.")
+    with blame(f"--real {spec}"):
+        return make_real_source(spec, teacher, pairs=ds, seed=args.seed, rank=rank, world_size=world)
+
+
+def lr_scale(updates: int, warmup: int) -> float:
+    """Linear warm-up factor of an optimiser's update number `updates` (1-based), DMD2's constant_with_warmup."""
+    return min(1.0, updates / warmup) if warmup else 1.0
+
+
+def generator_updates(step: int, fake_warmup: int, ttur: int) -> int:
+    """How many generator turns iterations 0..step hold (after the fake-score warm-up, every ttur-th)."""
+    return 0 if step < fake_warmup else (step - fake_warmup) // ttur + 1
 
 
 #################################################################################
@@ -188,8 +227,8 @@ def main(args):
     adamw = dict(betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.wd)
     opt_g = torch.optim.AdamW(g_params, lr=args.lr, **adamw)
     opt_c = torch.optim.AdamW(c_params, lr=fake_lr, **adamw)
-    with blame("--reg-loss"):  # LPIPS: its weight files
-        reg_fn, reg_name = regression_loss_fn(args, ds.channels, device) if args.method == "dmd" else (None, None)
+    reg_fn = build_regression(args, ds.channels, device) if args.method == "dmd" else None
+    real = build_real_source(args, ds, teacher, rank, world) if args.method == "dmd2" else None
     sampler = EpochSampler(len(ds), rank, world, seed=args.seed, drop_last=True)
     z0_gen = torch.Generator(device).manual_seed(rank_seed(args.seed, rank))  # GET's z_0 in training
     # One guard per update: the critic's good updates must not hide a generator that never updates, or the reverse.
@@ -208,9 +247,8 @@ def main(args):
     identity = data_identity(ds)  # the pair set's, recorded in every checkpoint
     options = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, world_size=world,
                    per_rank_batch=per_rank, settings=settings.to_dict(), fake_warmup_resolved=fake_warmup,
-                   fake_score_resolved=fake_kind,
-                   reg_loss_resolved=reg_name, teacher_identity={k: v for k, v in teacher.identity().items()
-                                                                 if k != "config"},
+                   fake_score_resolved=fake_kind, real_resolved=None if real is None else type(real).__name__,
+                   teacher_identity={k: v for k, v in teacher.identity().items() if k != "config"},
                    model_config=model.config, fake_config=critic.fake.config,
                    dataset=dict(identity, resolution=ds.resolution, channels=ds.channels,
                                 label_dim=ds.label_dim))
@@ -227,6 +265,14 @@ def main(args):
             meta = load_checkpoint(ckpt, modules, optimizers, {"z0": z0_gen})
         step = meta["step"]
         options["data_change"] = resume_data(meta["state"], ds, sampler, args.allow_data_change)
+        if real is not None:
+            saved = meta["state"].get("real")
+            if saved is None:
+                raise UserError(f"--resume: {ckpt} has no real-data stream (a DMD2 run from before --real); start a "
+                                f"new run (--init-fake and --generator can start it from this checkpoint's weights)")
+            with blame(f"--resume: the real-data stream of {ckpt} (--real)"):
+                # Every rank draws as many batches as rank 0, whose state is saved: only the rank is its own.
+                real.load_state_dict(dict(saved, rank=rank) if "rank" in saved else saved)
         for name, guard in guards.items():
             # Checkpoints from before the split had one shared count: it bounds each update's run of skips.
             guard.load_state_dict(meta["state"]["guards"][name] if "guards" in meta["state"]
@@ -290,12 +336,13 @@ def main(args):
     if step == 0 and can_eval and dist.is_main():
         log_metrics(0)  # the starting generator, under the same protocol
     while step < args.steps:
-        lr_scale = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
-        for opt, base in ((opt_g, args.lr), (opt_c, fake_lr)):
+        # Each optimiser warms up over its own first --warmup updates (DMD2 steps its generator's scheduler only
+        # on generator turns); both counts follow from the step, so a resume continues them exactly.
+        g_scale = lr_scale(generator_updates(step, fake_warmup, settings.ttur), args.warmup)
+        for opt, base, scale in ((opt_g, args.lr, g_scale), (opt_c, fake_lr, lr_scale(step + 1, args.warmup))):
             for group in opt.param_groups:
-                group["lr"] = base * lr_scale
-        batch = next(data)  # pairs: DMD's regression targets, DMD2's real images
-        pair_labels = batch.get("label") if ds.conditional else None
+                group["lr"] = base * scale
+        batch = next(data) if args.method == "dmd" else None  # pairs: DMD's regression (noise, target)
         latents = torch.randn(per_rank, C, R, R, device=device)  # (B, C, R, R)
         labels = torch.randint(ds.label_dim, (per_rank,), device=device) if ds.conditional else None
         if settings.backward_simulation:  # the same generator step on every rank
@@ -310,7 +357,7 @@ def main(args):
             requires_grad(critic, False)
             if args.method == "dmd":  # one G forward over the fresh latents and the pairs' noise
                 both = torch.cat([latents, batch["noise"]])
-                both_labels = None if labels is None else torch.cat([labels, pair_labels])
+                both_labels = None if labels is None else torch.cat([labels, batch["label"]])
                 x, x_ref = g_ddp(both, both_labels, generator=z0_gen)[-1].float().split([per_rank, per_rank])
                 regression = reg_fn(x_ref, batch["image"])
             else:
@@ -328,9 +375,9 @@ def main(args):
             with torch.no_grad():
                 x_fake = model.trajectory(latents, labels, generator=z0_gen)[-1].float()
 
-        real_labels = dmd.one_hot(pair_labels, ds.label_dim)
+        x_real, real_labels = real.sample(per_rank, device) if real is not None else (None, None)
         diagnose = (step + 1) % args.log_every == 0  # how well the fake score models G, against the teacher
-        loss_c, stats_c = c_ddp(x_fake, onehot, batch["image"] if args.method == "dmd2" else None, real_labels,
+        loss_c, stats_c = c_ddp(x_fake, onehot, x_real, dmd.one_hot(real_labels, ds.label_dim),
                                 teacher if diagnose else None)
         norm = optimizer_step(opt_c, c_params, loss_c, "critic", step)
         if norm is not None:
@@ -341,7 +388,7 @@ def main(args):
 
         # Logs, metrics, samples, checkpoints.
         if step % args.log_every == 0 or step == args.steps:
-            stats = dict(lr=args.lr * lr_scale, img_per_s=meter.rate(), epoch=sampler.epoch,
+            stats = dict(lr=args.lr * g_scale, img_per_s=meter.rate(), epoch=sampler.epoch,
                          skipped_g=guards["generator"].total, skipped_c=guards["critic"].total)
             # Means of the updates that ran (the same on every rank); an interval whose updates of one kind were all
             # skipped logs none of that kind's keys.
@@ -355,7 +402,7 @@ def main(args):
             check_ddp_consistency(model)
             check_ddp_consistency(critic)
             state = dict(sampler=sampler.state_dict(), guards={k: g.state_dict() for k, g in guards.items()},
-                         data=identity)
+                         data=identity, **({} if real is None else {"real": real.state_dict()}))
             save_checkpoint(run_dir, step, modules, optimizers, state, {"z0": z0_gen}, keep=args.keep)
         if dist.is_main() and args.eval_every and can_eval and (step % args.eval_every == 0 or step == args.steps):
             log_metrics(step)
@@ -408,15 +455,22 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100_000, help="iterations (critic updates; G every --ttur-th)")
     p.add_argument("--lr", type=float, default=5e-5, help="generator learning rate")
     p.add_argument("--fake-lr", type=float, default=None, help="fake score / head learning rate (default --lr)")
-    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up iterations")
+    p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up over each optimiser's "
+                   "first updates (default: 500 for DMD2, as its paper; 0 for DMD)")
     p.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--clip-grad", type=float, default=10.0, help="gradient-norm clipping of both updates (0: off)")
     p.add_argument("--ema", type=float, default=0.0, help="generator EMA decay per update (0: none, as DMD2)")
     # The methods.
     p.add_argument("--ttur", type=int, default=None, help="critic updates per generator update (DMD 1, DMD2 5)")
-    p.add_argument("--reg-loss", choices=("auto",) + LOSSES, default="auto",
-                   help="DMD's regression loss (auto: LPIPS when its weights are present, else L1)")
+    p.add_argument("--reg-loss", choices=LOSSES, default="lpips",
+                   help="DMD's regression loss (LPIPS, as the paper; missing weights are an error, never a silent L1)")
+    p.add_argument("--lpips-vgg", type=str, default=None, help="VGG16 weights for --reg-loss lpips")
+    p.add_argument("--lpips-lin", type=str, default=None, help="LPIPS v0.1 heads (vgg.pth) for --reg-loss lpips")
     p.add_argument("--reg-weight", type=float, default=0.25, help="DMD's regression weight lambda_reg")
+    p.add_argument("--real", default=None, help="DMD2's real images: 'teacher' (the analytic teacher's exact "
+                   "samples, its default), a .npz (arr_0 uint8 NHWC), a folder of PNGs (EDM dataset_tool), CIFAR-10's "
+                   "cifar-10-batches-bin folder, or 'pairs' (the pairs' teacher images; caps G at the teacher's ODE); "
+                   "required for EDM teachers")
     p.add_argument("--gen-gan-weight", type=float, default=3e-3, help="DMD2's generator GAN weight")
     p.add_argument("--critic-gan-weight", type=float, default=1e-2, help="DMD2's discriminator GAN weight")
     p.add_argument("--fake-score", choices=dmd.FAKE_KINDS, default="auto",
@@ -458,6 +512,10 @@ def parse_args(argv=None):
                         gen_gan_weight=args.gen_gan_weight, critic_gan_weight=args.critic_gan_weight)
     except ValueError as e:
         p.error(str(e))
+    if args.real is not None and args.method != "dmd2":
+        p.error(f"--real {args.real}: only DMD2's discriminator reads real data (--method dmd2)")
+    if args.warmup is None:
+        args.warmup = 500 if args.method == "dmd2" else 0  # resolved here, so options.json records it
     if args.outdir is None:
         args.outdir = Path("runs") / f"{args.method}-{args.data.resolve().name}"
     return args

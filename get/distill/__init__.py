@@ -42,6 +42,6 @@ Library pieces with no dependence on a training script; each is a pure function 
 * Algorithm 2: ``BacktrackingSchedule`` (step -> target node; ``paper_64x64``, ``uniform``, ``parse``) and
   ``BacktrackingTarget`` (the switching real score, ``state_dict`` / ``load_state_dict`` for exact resume).
 
-Not here yet: the training loop as one family (``train/train_dmd.py`` still resolves its regression loss itself and
-uses the pair images as DMD2's real data) and per-method state objects for resume.
+``train/train_dmd.py`` uses ``regression_loss`` (DMD) and ``make_real_source`` (DMD2's real data, ``--real``).
+Not here yet: the training loop as one family and per-method state objects for resume.
 """
