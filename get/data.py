@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from get.edm.sampler import check_sampler_settings
-from get.io import atomic_write_bytes, read_json, write_json
+from get.io import atomic_write_bytes, json_sha256, read_json, write_json
 from get.seeds import LABEL_POLICIES, format_seeds
 
 FORMAT = "get-pairs"
@@ -227,7 +227,7 @@ def jsonable(obj):
 
 def settings_fingerprint(settings: dict) -> str:
     """sha256 of the canonical JSON of the settings."""
-    return hashlib.sha256(json.dumps(jsonable(settings), sort_keys=True).encode()).hexdigest()
+    return json_sha256(jsonable(settings))
 
 
 def new_manifest(settings: PairSettings | Mapping, seeds: Sequence[int], shard_size: int) -> dict:

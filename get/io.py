@@ -81,6 +81,11 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def json_sha256(obj) -> str:
+    """sha256 of the canonical JSON of plain JSON values (sorted keys): the identity of a config or manifest."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
     h = hashlib.sha256()

@@ -9,8 +9,6 @@ without any pickle. docs/EDM.md describes the formats.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,7 +17,7 @@ from safetensors.torch import load_file
 
 from get.edm.checkpoint import OFFICIAL_CHECKPOINTS, build_network, load_edm, load_state_dict_strict
 from get.edm.precond import PRECONDITIONERS
-from get.io import read_json, save_safetensors, tensors_sha256, write_json
+from get.io import json_sha256, read_json, save_safetensors, tensors_sha256, write_json
 from get.mixture import MIXTURE_SPECS, MixtureTeacher
 from get.safety import check_int
 
@@ -77,7 +75,7 @@ _VERSION = 2  # 2: config.json carries config_sha256
 def _config_sha256(config: dict) -> str:
     """sha256 of the canonical JSON of config.json without its own ``config_sha256`` field."""
     body = {k: v for k, v in config.items() if k != "config_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return json_sha256(body)
 
 
 def save_teacher(teacher, directory: str | Path) -> Path:

@@ -3,20 +3,17 @@ sampler's resume named by --data, and the finiteness scan of a held-out set."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 
 from get import dist
+from get.io import json_sha256
 from get.training.cli import UserError
 
 
 def data_identity(ds) -> dict:
     """What identifies a pair set (a `get.data.PairDataset`): the sha256 of its manifest's canonical JSON, which holds
     the settings, the seeds and every shard's sha256, so two sets of the same shape but other pairs differ."""
-    manifest = json.dumps(ds.manifest, sort_keys=True, separators=(",", ":")).encode()
-    return {"root": str(ds.root), "num_pairs": len(ds), "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+    return {"root": str(ds.root), "num_pairs": len(ds), "manifest_sha256": json_sha256(ds.manifest)}
 
 
 def resume_data(state: dict, ds, sampler, allow_change: bool) -> dict | None:
