@@ -1,4 +1,6 @@
-"""Triton kernels vs PyTorch on one NVIDIA GPU: attention against every SDPA backend, and whole GET-B/2 steps.
+"""Triton kernels vs PyTorch: attention against every SDPA backend over a grid of shapes, and the accuracy table.
+
+Whole GET-B/2 training and sampling steps against the official path are timed by bench/gpu_check.py.
 
 Table 1, attention at GET shapes (d = 64, random bf16 inputs): time of the forward and of forward+backward for our
 packed-QKV kernel and for the torch path (`get_kernels.reference.attention`: SDPA plus its layout copies) with each SDPA
@@ -7,19 +9,13 @@ reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv)
 798 TFLOP/s and 3.0 TB/s (docs/KERNELS.md), and the speedup over the best SDPA backend. Timer: triton.testing.do_bench
 (median, L2 flushed before each call).
 
-Table 2, GET-B/2 (32x32x3, unconditional, randomised weights, bf16 autocast by default): a training step (6 unrolled
-fixed-point steps, loss, backward, fused AdamW) and a 6-iteration evaluation forward, backend triton vs torch, eager
-and under torch.compile; images/s, achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode on the torch backend),
-peak memory, and the speedup of triton over torch in the same mode. Timer: CUDA events over --iters calls after
---warmup calls.
-
 Table 0 (--part accuracy, also without a GPU, in the Triton interpreter): the largest error against float64 of every
 output and input gradient of the three ops, ours and PyTorch's in the same precision, at the tests' shapes (odd N and
 D, every head dim), fp32 and fp16, plus bf16 on a GPU.
 
 All ratios come from one run. Record the device, versions and date it prints with the tables.
 
-    python bench/kernel_speed.py                     # the two GPU tables
+    python bench/kernel_speed.py                     # the attention table (GPU)
     python bench/kernel_speed.py --part attention --quick
     python bench/kernel_speed.py --part accuracy     # CPU: runs the kernels in the Triton interpreter (about a minute)
 """
@@ -35,7 +31,7 @@ import torch
 PEAK_TFLOPS = 798.0  # bf16 matmul 8192^3, measured on the project's H100 (docs/KERNELS.md)
 PEAK_GBPS = 3000.0  # device-to-device copy, read + write, same machine
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-GOALS = dict(attention_speedup=1.3, train_speedup_eager=1.5, sample_images_per_s=2400, train_images_per_s=650)
+GOALS = dict(attention_speedup=1.3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,121 +217,11 @@ def bench_attention(args) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Whole GET-B/2 steps
-
-
-def make_model(backend: str):
-    from get.models import GET_models
-
-    torch.manual_seed(0)
-    model = GET_models["GET-B/2"](backend=backend).cuda()
-    with torch.no_grad():  # off the zero init: zeros run faster than real data and hide nothing
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn_like(p))
-    model.check_finite = False  # the finiteness checks read device values on the host every call
-    return model
-
-
-def model_steps(model, batch: int, compiled: bool, autocast: bool):
-    """The training-step and evaluation callables of one model."""
-    trajectory = torch.compile(model.trajectory) if compiled else model.trajectory
-    forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    noise = torch.randn(batch, 3, 32, 32, device="cuda")  # (B, C, H, W)
-    target = torch.randn_like(noise)
-
-    def precision():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
-
-    def train_step():
-        model.train()
-        with precision():
-            states = trajectory(noise)  # 6 x (B, C, H, W)
-            loss = sum((s.float() - target).square().mean() for s in states) / len(states)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def eval_step():
-        model.eval()
-        with torch.no_grad(), precision():
-            forward(noise)
-
-    return train_step, eval_step
-
-
-def time_calls(fn, warmup: int, iters: int) -> tuple[float, float]:
-    """(ms per call, peak GiB allocated during the timed calls)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated() / 2**30
-
-
-def flops_per_image(autocast: bool) -> tuple[float, float]:
-    """(training-step FLOPs, evaluation FLOPs) per image, counted on the torch backend with a batch of 4."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    batch = 4
-    train_step, eval_step = model_steps(make_model("torch"), batch, compiled=False, autocast=autocast)
-    counts = []
-    for step in (train_step, eval_step):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            step()
-        counts.append(counter.get_total_flops() / batch)
-    return counts[0], counts[1]
-
-
-def bench_model(args) -> None:
-    autocast = args.precision == "bf16"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the official fp32 recipe
-    train_flops, eval_flops = flops_per_image(autocast)
-    print(f"\nGET-B/2 FLOPs per image: training step {train_flops / 1e9:.0f} G, evaluation {eval_flops / 1e9:.0f} G")
-    results = {}
-    for compiled in (False, True):
-        for backend in ("torch", "triton"):
-            train_step, eval_step = model_steps(make_model(backend), args.batch, compiled, autocast)
-            for workload, step, flops in (("train", train_step, train_flops), ("eval", eval_step, eval_flops)):
-                ms, peak = time_calls(step, args.warmup, args.iters)
-                results[workload, compiled, backend] = (ms, peak, flops)
-            torch.cuda.empty_cache()
-    rows = []
-    for (workload, compiled, backend), (ms, peak, flops) in results.items():
-        images = args.batch / ms * 1e3
-        tflops = images * flops * 1e-12
-        base = results[workload, compiled, "torch"][0]
-        rows.append([workload, "compile" if compiled else "eager", backend, f"{ms:.1f}", f"{images:.0f}",
-                     f"{tflops:.0f}", f"{100 * tflops / PEAK_TFLOPS:.0f}%", f"{peak:.1f}",
-                     f"{base / ms:.2f}x"])  # fmt: skip
-    print(f"\nGET-B/2, batch {args.batch}, {args.precision}; speedup = torch time / this time, same mode\n")
-    header = ["workload", "mode", "backend", "ms/step", "images/s", "TFLOP/s", "% 798", "peak GiB", "vs torch"]
-    print(markdown_table(header, rows))
-    best = {w: max(args.batch / results[w, c, "triton"][0] * 1e3 for c in (False, True)) for w in ("train", "eval")}
-    speedup = results["train", False, "torch"][0] / results["train", False, "triton"][0]
-    print(f"\ngoals: training step eager speedup {speedup:.2f}x (goal >= {GOALS['train_speedup_eager']}x); "
-          f"sampling {best['eval']:.0f} images/s (goal >= {GOALS['sample_images_per_s']}); "
-          f"training {best['train']:.0f} images/s (goal >= {GOALS['train_images_per_s']})")  # fmt: skip
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["accuracy", "attention", "model", "all"], default="all",
-                   help="'all' = attention and model; accuracy also runs without a GPU (interpreter)")  # fmt: skip
+    p.add_argument("--part", choices=["accuracy", "attention"], default="attention",
+                   help="accuracy also runs without a GPU (interpreter)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="three attention shapes instead of the full grid")
-    p.add_argument("--batch", type=int, default=128, help="GET-B/2 batch (training and evaluation)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast, or fp32 with TF32")
-    p.add_argument("--warmup", type=int, default=3, help="untimed GET-B/2 calls (compilation included)")
-    p.add_argument("--iters", type=int, default=10, help="timed GET-B/2 calls")
     args = p.parse_args()
     if args.part == "accuracy":
         if not torch.cuda.is_available():
@@ -347,10 +233,7 @@ def main() -> None:
         sys.exit("bench/kernel_speed.py needs an NVIDIA GPU and none is visible (torch.cuda.is_available() is False); "
                  "without one, tests/test_kernels_*.py check the kernels in the Triton interpreter")  # fmt: skip
     print(environment())
-    if args.part in ("attention", "all"):
-        bench_attention(args)
-    if args.part in ("model", "all"):
-        bench_model(args)
+    bench_attention(args)
 
 
 if __name__ == "__main__":
